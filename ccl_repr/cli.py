@@ -1,0 +1,116 @@
+"""Command line: ``ccl-repr train | models | recipes``.
+
+Every expected error (bad recipe, missing dataset, wrong shape, corrupt checkpoint, existing
+run folder) ends as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + message)
+        sys.stderr.write(f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        raise SystemExit(2)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a recipe with CCL or backprop")
+    p.add_argument("recipe", nargs="?", help="recipe name (see `ccl-repr recipes`) or YAML path")
+    p.add_argument("--method", choices=("ccl", "bp"), help="learning rule (default: the recipe's)")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--seed", type=int, help="override seed")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override device")
+    p.add_argument("--data-root", help="folder holding the datasets (override data.root)")
+    p.add_argument("--out", help="run folder (default: runs/RECIPE-METHOD-sSEED-TIME)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set optim.forward.lr=0.5 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt
+    from .config import config_from_dict, make_config
+    from .train import train
+
+    if args.resume:
+        run = Path(args.resume)
+        cfg = config_from_dict(ckpt.read_json(run / ckpt.CONFIG))
+        summary = train(cfg, run, resume=True, log=lambda m: print(m, file=sys.stderr))
+    else:
+        if not args.recipe:
+            raise _usage("train needs a RECIPE (see `ccl-repr recipes`) or --resume RUN_DIR")
+        over: dict = {}
+        if args.epochs is not None:
+            over.setdefault("train", {})["epochs"] = args.epochs
+        if args.seed is not None:
+            over["seed"] = args.seed
+        if args.device:
+            over["device"] = args.device
+        if args.data_root:
+            over.setdefault("data", {})["root"] = args.data_root
+        if args.no_progress:
+            over.setdefault("train", {})["progress"] = False
+        cfg = make_config(args.recipe, method=args.method, overrides=over, sets=args.sets)
+        out = Path(args.out) if args.out else Path("runs") / (
+            f"{cfg.recipe or 'run'}-{cfg.method}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        summary = train(cfg, out, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+        run = out
+    keys = [k for k in ("method", "model", "dataset", "epochs", "seed", "test_accuracy", "best_val_accuracy",
+                        "test_mse", "best_epoch", "train_seconds", "samples_per_second") if k in summary]
+    print(json.dumps({k: summary[k] for k in keys}))
+    print(f"run folder: {run}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_models
+    for name, desc in list_models().items():
+        print(f"{name:16s} {desc}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .config import RECIPES_DIR, list_recipes
+    for name in list_recipes():
+        first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:18s} {first}")
+    return 0
+
+
+class _usage(UserError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ccl-repr", description="Counter-Current Learning toolkit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    sub.add_parser("models", help="list the model registry")
+    sub.add_parser("recipes", help="list the bundled recipes")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "models": cmd_models, "recipes": cmd_recipes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"ccl-repr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

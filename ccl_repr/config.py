@@ -1,0 +1,265 @@
+"""Typed run configuration: one dataclass per component, YAML recipes, dotted overrides.
+
+A recipe is a YAML mapping with the keys of :class:`Config`, plus optional per-method sections
+(``ccl:``, ``bp:``) whose contents are deep-merged over the base when that method is selected.
+Resolution order: dataclass defaults < recipe < recipe's method section < CLI flags < ``--set``.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+METHODS = ("ccl", "bp")
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
+         lo_open: bool = False, hi: float | None = None, doc: str = "") -> Any:
+    """A dataclass field carrying its validation rules in metadata."""
+    meta = {"choices": choices, "lo": lo, "lo_open": lo_open, "hi": hi, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    name: str = _opt("digits", doc="digits | mnist | fashionmnist | cifar10 | cifar100 | stl10 | imagefolder")
+    root: str = _opt("data", doc="folder holding the torchvision dataset folders (or the ImageFolder tree)")
+    download: bool = _opt(False, doc="let torchvision download the dataset (needs internet)")
+    val_fraction: float = _opt(0.1, lo=0.0, hi=0.9, doc="share of the training set held out for validation")
+    normalize: bool = _opt(True, doc="standardise with per-channel mean/std of the training split")
+    augment: bool = _opt(False, doc="random crop (pad 4) + horizontal flip, on device tensors")
+    pad_to: int = _opt(0, lo=0, doc="zero-pad images to this square size (e.g. 28 -> 32); 0 = off")
+    image_size: int = _opt(0, lo=0, doc="ImageFolder only: resize images to this square size")
+    train_subset: int = _opt(0, lo=0, doc="use only the first N training samples (0 = all)")
+    test_subset: int = _opt(0, lo=0, doc="use only the first N test samples (0 = all)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("mlp_digits", doc="a name from the model registry (ccl-repr models)")
+    widths: list[int] = _opt([], doc="hidden widths/channels; [] = the registry default")
+    act_forward: str = _opt("elu", choices=("elu", "relu", "tanh", "gelu", "leaky_relu", "identity"))
+    act_feedback: str = _opt("elu", choices=("elu", "relu", "tanh", "gelu", "leaky_relu", "identity"))
+    bias: bool = _opt(False)
+    norm: str = _opt("none", choices=("none", "pre", "post"), doc="batch norm before/after each projection")
+    norm_affine: bool = _opt(True, doc="learnable batch-norm scale and shift")
+    init: str = _opt("default", choices=("default", "orthogonal"))
+
+
+@dataclass
+class LossConfig:
+    form: str = _opt("prototype", choices=("prototype", "normalized"),
+                     doc="prototype: mean((A B^T - Y)^2)/d*scale; normalized: Eq. 2 + anti-collapse")
+    targets: str = _opt("prototypes", choices=("prototypes", "samples"),
+                        doc="feed G the C x C identity (prototypes) or one one-hot per sample")
+    scale: float = _opt(128.0, lo=0.0, doc="multiplier of the layer-pair term (published MLP: 0.5*256)")
+    anti_collapse: float = _opt(0.5, lo=0.0, doc="weight of the (Â Â^T - I)^2 and (B̂ B̂^T - I)^2 terms")
+    flooding: float = _opt(0.0, lo=0.0, hi=1.0, doc="mask samples whose true-class prob is within this of 1")
+    ae_form: str = _opt("mse", choices=("mse", "weighted"),
+                        doc="AE pairs: plain MSE, or the published H-weighted MSE + spatially normalised MSE")
+
+
+@dataclass
+class NetOptimConfig:
+    lr: float = _opt(1.0, lo=0.0)
+    momentum: float = _opt(0.0, lo=0.0, hi=1.0)
+    weight_decay: float = _opt(0.0, lo=0.0)
+    clip: float = _opt(1.0, lo=0.0, doc="grad-norm clip; 0 = off")
+    clip_mode: str = _opt("network", choices=("network", "layer"),
+                          doc="one norm over the whole network, or one per layer (keeps updates local)")
+
+
+@dataclass
+class OptimConfig:
+    forward: NetOptimConfig = field(default_factory=NetOptimConfig)
+    feedback: NetOptimConfig = field(default_factory=NetOptimConfig)
+    warmup_steps: int = _opt(0, lo=0, doc="linear learning-rate warm-up")
+    schedule: str = _opt("constant", choices=("constant", "cosine"))
+    min_lr: float = _opt(0.0, lo=0.0, doc="cosine floor (eta_min)")
+    centralize: bool = _opt(False, doc="gradient centralisation of weight gradients")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(20, lo=1)
+    batch_size: int = _opt(256, lo=1)
+    eval_batch_size: int = _opt(2048, lo=1)
+    num_threads: int = _opt(0, lo=0, doc="torch CPU threads; 0 = torch's default")
+    progress: bool = _opt(True, doc="tqdm progress bar")
+    checkpoint_every: int = _opt(1, lo=0, doc="write the resumable checkpoint every N epochs; 0 = only at the end")
+
+
+@dataclass
+class Config:
+    method: str = _opt("ccl", choices=METHODS)
+    seed: int = _opt(0, lo=0)
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    recipe: str = _opt("", doc="the recipe this config came from (informational)")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- building
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to ``tp`` where that is unambiguous, else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}; write e.g. {key}=[256,256]")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        raise ConfigError(f"{key}: {value!r} is out of range; it must be >= {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is out of range; it must be <= {hi}")
+
+
+def build(cls: type, raw: dict | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain mapping, validating every key and value."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp, key = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+            _check_range(kwargs[name], fields[name].metadata, key)
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def set_dotted(raw: dict, assignment: str) -> dict:
+    """Apply one ``a.b.c=value`` override to a nested mapping (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set optim.forward.lr=0.5")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key part; write e.g. optim.forward.lr=0.5")
+    value = yaml.safe_load(text) if text.strip() else ""
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {p} is a value, not a section")
+    node[parts[-1]] = value
+    return raw
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = RECIPES_DIR / f"{recipe}.yaml"
+    if candidate.exists():
+        return candidate
+    names = ", ".join(list_recipes())
+    raise ConfigError(f"recipe {recipe!r} not found; give a YAML path or one of: {names}")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(recipe: str) -> dict:
+    path = resolve_recipe_path(recipe)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping of config sections")
+    raw.setdefault("recipe", path.stem)
+    return raw
+
+
+def make_config(recipe: str | dict | None = None, *, method: str | None = None,
+                overrides: dict | None = None, sets: list[str] | tuple = ()) -> Config:
+    """Resolve a recipe (name, path or mapping) + method + flag overrides + ``--set`` strings."""
+    raw = load_recipe(recipe) if isinstance(recipe, str) else copy.deepcopy(recipe or {})
+    sections = {m: raw.pop(m, None) or {} for m in METHODS}
+    over: dict = copy.deepcopy(overrides or {})
+    for s in sets:
+        set_dotted(over, s)
+    chosen = method or over.get("method") or raw.get("method") or Config.method
+    if chosen not in METHODS:
+        raise ConfigError(f"method: {chosen!r} is not one of {', '.join(METHODS)}")
+    merged = deep_merge(deep_merge(raw, sections[chosen]), over)
+    merged["method"] = chosen
+    return build(Config, merged)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from its resolved ``to_dict()`` form (e.g. a run folder's config.json)."""
+    return build(Config, d)

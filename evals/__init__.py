@@ -1,0 +1,1 @@
+"""Representation evaluations over the uniform dual-network interface (see ccl_repr.models)."""
