@@ -222,3 +222,6 @@ def cnn(cfg: ModelConfig, *, input_shape: tuple[int, ...], num_classes: int) -> 
 @register("cnn_strided", "paper MNIST/FashionMNIST CNN: same widths with stride-2 convs instead of pooling")
 def cnn_strided(cfg: ModelConfig, *, input_shape: tuple[int, ...], num_classes: int) -> DualNetwork:
     return _cnn(cfg, input_shape, num_classes, "strided")
+
+
+from . import autoencoders  # noqa: E402,F401  (registers ae_conv, ae_mlp; imports this module)
