@@ -1,0 +1,43 @@
+"""Every bundled recipe resolves for both methods, and its model trains one step on inputs of
+its dataset's shape (random tensors: the datasets themselves are not needed here)."""
+import pytest
+import torch
+
+from ccl_repr.config import list_recipes, make_config
+from ccl_repr.data import TORCHVISION
+from ccl_repr.methods import Optimizers, make_method
+from ccl_repr.models import build_model
+
+SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32),
+          "cifar100": (3, 32, 32), "stl10": (3, 96, 96)}
+CLASSES = {"digits": 10, **{k: v[2] for k, v in TORCHVISION.items()}}
+PAPER_RECIPES = ["mlp_mnist", "mlp_fashionmnist", "mlp_cifar10", "mlp_cifar100", "cnn_cifar10", "cnn_cifar100"]
+
+
+def test_paper_recipes_are_bundled():
+    assert set(PAPER_RECIPES) <= set(list_recipes())
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+@pytest.mark.parametrize("method", ["ccl", "bp"])
+def test_recipe_resolves_and_steps(recipe, method):
+    torch.manual_seed(0)
+    cfg = make_config(recipe, method=method)
+    assert cfg.method == method and cfg.recipe == recipe
+    c, h, w = SHAPES[cfg.data.name]
+    if cfg.data.pad_to:
+        h = w = cfg.data.pad_to
+    model = build_model(cfg.model, input_shape=(c, h, w), num_classes=CLASSES[cfg.data.name])
+    m = make_method(cfg)
+    m.prepare(model)
+    opt = Optimizers(model, cfg.optim, total_steps=10)
+    x, y = torch.randn(4, c, h, w), torch.arange(4) % CLASSES[cfg.data.name]
+    before = [p.clone() for p in model.network_parameters("forward")]
+    opt.step(sum(m.losses(model, x, y).values()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.network_parameters("forward")))
+
+
+def test_method_sections_differ_where_the_paper_differs():
+    ccl, bp = make_config("cnn_cifar10", method="ccl"), make_config("cnn_cifar10", method="bp")
+    assert (ccl.train.batch_size, ccl.optim.forward.lr, ccl.loss.flooding) == (128, 1.0, 0.2)
+    assert (bp.train.batch_size, bp.optim.forward.lr, bp.model.norm) == (256, 0.03, "pre")
