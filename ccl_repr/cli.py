@@ -43,8 +43,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     if args.resume:
+        # A resumed run must compute what the interrupted one would have: its settings are the
+        # run folder's config.json, so flags that would change them are refused, not ignored.
+        given = [flag for flag, value in (("RECIPE", args.recipe), ("--method", args.method), ("--epochs", args.epochs),
+                                          ("--seed", args.seed), ("--device", args.device), ("--data-root", args.data_root),
+                                          ("--out", args.out), ("--set", args.sets), ("--overwrite", args.overwrite))
+                 if value not in (None, [], False)]
+        if given:
+            raise _usage(f"--resume continues {args.resume} with its saved config.json and cannot take "
+                         f"{', '.join(given)}; drop them, or start a new run with --out to change settings")
         run = Path(args.resume)
+        if not run.is_dir():
+            raise _usage(f"--resume {run}: no such run folder; pass the --out folder of an earlier run")
         cfg = config_from_dict(ckpt.read_json(run / ckpt.CONFIG))
+        if args.no_progress:
+            cfg.train.progress = False
         summary = train(cfg, run, resume=True, log=lambda m: print(m, file=sys.stderr))
     else:
         if not args.recipe:
@@ -110,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"ccl-repr {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # train() has written its checkpoint and an "interrupted" summary
+        print(f"ccl-repr {args.command}: {e or 'interrupted; continue a training run with --resume RUN_DIR'}",
+              file=sys.stderr)
+        return 128 + int(getattr(e, "signum", 2))  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +27,8 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
          lo_open: bool = False, hi: float | None = None, doc: str = "") -> Any:
-    """A dataclass field carrying its validation rules in metadata."""
-    meta = {"choices": choices, "lo": lo, "lo_open": lo_open, "hi": hi, "doc": doc}
+    """A dataclass field carrying its validation rules in metadata (for a list: of each item)."""
+    meta = {"choices": choices, "lo": lo, "lo_open": lo_open, "hi": hi, "doc": doc, "default": default}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -49,7 +51,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = _opt("mlp_digits", doc="a name from the model registry (ccl-repr models)")
-    widths: list[int] = _opt([], doc="hidden widths/channels; [] = the registry default")
+    widths: list[int] = _opt([], lo=1, doc="hidden widths/channels; [] = the registry default")
     act_forward: str = _opt("elu", choices=("elu", "relu", "tanh", "gelu", "leaky_relu", "identity"))
     act_feedback: str = _opt("elu", choices=("elu", "relu", "tanh", "gelu", "leaky_relu", "identity"))
     bias: bool = _opt(False)
@@ -123,13 +125,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, example: Any = None) -> Any:
     """Convert ``value`` to ``tp`` where that is unambiguous, else raise ConfigError."""
     origin = typing.get_origin(tp)
+    hint = f"; write e.g. {key}={json_text(example)}" if example not in (None, "") else ""
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            try:
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            except yaml.YAMLError:
+                pass  # reported below as "expected a list"
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}; write e.g. {key}=[256,256]")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -138,31 +144,42 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}{hint or f'; write e.g. {key}=true'}")
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}{hint}")
         return int(value)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}{hint}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {value!r}{hint}") from None
+        if not math.isfinite(number):  # nan passes every range check, inf overflows the run
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}{hint}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
 
 
+def json_text(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else str(value)
+
+
 def _check_range(value: Any, meta: dict, key: str) -> None:
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_range(item, meta, f"{key}[{i}]")
+        return
     if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}; choose one of them")
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
-        raise ConfigError(f"{key}: {value!r} is out of range; it must be >= {lo}")
+        raise ConfigError(f"{key}: {value!r} is out of range; it must be {'>' if meta.get('lo_open') else '>='} {lo}")
     if hi is not None and value > hi:
         raise ConfigError(f"{key}: {value!r} is out of range; it must be <= {hi}")
 
@@ -174,9 +191,11 @@ def build(cls: type, raw: dict | None, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}"
+                          f"{f' (did you mean {prefix}{close[0]}?)' if close else ''}; valid keys under "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
     kwargs = {}
     for name, value in raw.items():
@@ -184,8 +203,9 @@ def build(cls: type, raw: dict | None, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = build(tp, value, key + ".")
         else:
-            kwargs[name] = _coerce(value, tp, key)
-            _check_range(kwargs[name], fields[name].metadata, key)
+            meta = fields[name].metadata
+            kwargs[name] = _coerce(value, tp, key, meta.get("default"))
+            _check_range(kwargs[name], meta, key)
     return cls(**kwargs)
 
 
@@ -207,7 +227,11 @@ def set_dotted(raw: dict, assignment: str) -> dict:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {assignment!r}: empty key part; write e.g. optim.forward.lr=0.5")
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                          f"quote it or fix the brackets, e.g. --set model.widths=[256,256]") from None
     node = raw
     for p in parts[:-1]:
         node = node.setdefault(p, {})

@@ -209,17 +209,25 @@ def augment(x: Tensor, generator: torch.Generator, *, pad: int = 4) -> Tensor:
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
+def shuffle_order(split: Split, generator: torch.Generator) -> Tensor:
+    """One epoch's permutation, drawn on the data's device."""
+    return torch.randperm(len(split), generator=generator, device=split.x.device)
+
+
 def batches(split: Split, batch_size: int, *, generator: torch.Generator | None = None,
-            augment_with: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+            augment_with: torch.Generator | None = None, order: Tensor | None = None,
+            start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (x, y) slices; shuffled by a permutation drawn on the data's device when a generator
-    is given (no host round-trip per step)."""
+    is given (no host round-trip per step), or by ``order``. ``start`` skips that many batches
+    (a run resumed mid-epoch continues its saved permutation)."""
     n = len(split)
-    if generator is not None:
-        order = torch.randperm(n, generator=generator, device=split.x.device)
-        for i in range(0, n, batch_size):
+    if generator is not None and order is None:
+        order = shuffle_order(split, generator)
+    if order is not None:
+        for i in range(start * batch_size, n, batch_size):
             idx = order[i:i + batch_size]
             x = split.x[idx]
             yield (augment(x, augment_with) if augment_with is not None else x), split.y[idx]
     else:
-        for i in range(0, n, batch_size):
+        for i in range(start * batch_size, n, batch_size):
             yield split.x[i:i + batch_size], split.y[i:i + batch_size]

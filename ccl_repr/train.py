@@ -20,14 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checkpoint as ckpt
+from . import distributed, fastpath
 from .config import Config
-from .data import DataBundle, Split, batches, load_data
-from .errors import ConfigError, DivergenceError
+from .data import DataBundle, Split, batches, load_data, shuffle_order
+from .errors import CheckpointError, ConfigError, DivergenceError
+from .guard import CHECK_EVERY, DivergenceGuard, Interrupted, StopRequest
 from .methods import Optimizers, make_method
 from .models import DualNetwork, build_model
 
 StepHook = Callable[..., "dict[str, Any] | None"]
-DIAGNOSTICS = "diagnostics.jsonl"
+DIAGNOSTICS = ckpt.DIAGNOSTICS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,12 +71,36 @@ def evaluate(model: DualNetwork, split: Split, *, batch_size: int, bundle: DataB
     return {"mse": loss_sum.item() / max(total, 1)}
 
 
-def _first_nonfinite(model: DualNetwork) -> str | None:
-    for net in ("forward", "feedback"):
-        for name, params in model.parameter_groups(net):
-            if any(not torch.isfinite(p).all() for p in params):
-                return f"{net} network, layer {name}"
-    return None
+def _rng_state(device: torch.device, shuffle: torch.Generator, aug: torch.Generator | None) -> dict:
+    """Every random stream a resumed run must continue (numpy's as a tensor: weights_only loads)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"shuffle": shuffle.get_state(), "augment": aug.get_state() if aug is not None else None,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+            "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def _restore(state: dict, model: DualNetwork, optim: Optimizers, shuffle: torch.Generator,
+             aug: torch.Generator | None, path: Path) -> None:
+    try:
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        rng = state["rng"]
+        # Generator states are CPU byte tensors whatever the generator's device.
+        shuffle.set_state(rng["shuffle"].cpu())
+        if aug is not None:
+            aug.set_state(rng["augment"].cpu())
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng.get("cuda") is not None:
+            torch.cuda.set_rng_state_all([t.cpu() for t in rng["cuda"]])
+        random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in rng["python"]))
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {first}); restore the run "
+                              f"folder's original files or start a new run with --out") from None
 
 
 def _better(task: str, new: dict, best: dict | None) -> bool:
@@ -92,13 +118,19 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     train/eval mode as it found it, and may return a dict that is appended, with the step, to
     ``diagnostics.jsonl`` in the run folder. This is how evaluations (which the core does not
     import) are logged during training."""
-    out = Path(out_dir)
+    out = distributed.run_dir(Path(out_dir), resume=resume)  # only rank 0 writes the run folder
     if resume:
-        state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT)
+        if not out.is_dir():
+            raise CheckpointError(f"run folder {out} does not exist; pass the --out folder of an earlier run to --resume")
+        state = ckpt.load_resume_state(out, cfg.to_dict())
     else:
-        ckpt.prepare_run_dir(out, overwrite=overwrite)
+        ckpt.check_run_dir(out, overwrite=overwrite)  # refuse before any time is spent on data
         state = None
     device = resolve_device(cfg.device)
+    ddp = distributed.setup(device)  # under torchrun: join the group, pin this rank's GPU
+    if state is not None and state["device"] != device.type:
+        raise CheckpointError(f"{out} was trained on {state['device']} but would resume on {device.type}; the random "
+                              f"streams differ per device, so resume it where a {state['device']} device is available")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.seed)
@@ -107,6 +139,8 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     model = build_model(cfg.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes).to(device)
     method = make_method(cfg)
     method.prepare(model)
+    fastpath.apply(model, method, cfg.train, device, bundle)
+    ddp.broadcast_parameters(model)
     steps_per_epoch = math.ceil(len(bundle.train) / cfg.train.batch_size)
     optim = Optimizers(model, cfg.optim, total_steps=cfg.train.epochs * steps_per_epoch)
     shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -114,70 +148,116 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     meta = {"input_shape": list(bundle.input_shape), "num_classes": bundle.num_classes, "task": model.task}
 
     start_epoch, step, best, best_epoch, best_state, elapsed = 0, 0, None, -1, None, 0.0
+    rows: list[dict] = []  # metrics rows so far; the checkpoint holds them
+    partial = None  # position inside an epoch, when the checkpoint was written mid-epoch
     if state is not None:
-        model.load_state_dict(state["model"])
-        optim.load_state_dict(state["optim"])
-        shuffle.set_state(state["rng"]["shuffle"].to("cpu"))
-        if aug is not None:
-            aug.set_state(state["rng"]["augment"].to("cpu"))
-        torch.set_rng_state(state["rng"]["torch"])
+        _restore(state, model, optim, shuffle, aug, out / ckpt.CHECKPOINT)
         start_epoch, step, elapsed = state["epoch"], state["step"], state["train_seconds"]
         best, best_epoch, best_state = state["best"], state["best_epoch"], state["best_model"]
-        log(f"resuming {out} from epoch {start_epoch}")
+        rows, partial = list(state["metrics"]), state.get("partial")
+        # Rows and diagnostics written after this checkpoint describe lost work: drop them so the
+        # files end up exactly as in an uninterrupted run.
+        ckpt.write_jsonl(out / ckpt.METRICS, rows)
+        if (out / DIAGNOSTICS).exists():
+            ckpt.write_jsonl(out / DIAGNOSTICS, [r for r in ckpt.read_jsonl(out / DIAGNOSTICS)
+                                                 if r.get("step", 0) <= step])
+        (out / ckpt.SUMMARY).unlink(missing_ok=True)  # the run is live again
+        log(f"resuming {out} from epoch {start_epoch}, step {step}")
     else:
+        ckpt.prepare_run_dir(out, overwrite=overwrite)
         ckpt.write_json(out / ckpt.CONFIG, cfg.to_dict())
         ckpt.write_json(out / ckpt.VERSIONS, ckpt.versions())
+    saved = (start_epoch, step) if state is not None else None  # what checkpoint.pt holds now
 
-    def save_state(epoch: int) -> None:
+    def save_state(epoch: int, partial: dict | None = None) -> None:
+        nonlocal saved
         ckpt.save_checkpoint(out / ckpt.CHECKPOINT, {
             "model": model.state_dict(), "model_meta": meta, "optim": optim.state_dict(),
             "epoch": epoch, "step": step, "train_seconds": elapsed, "config": cfg.to_dict(),
-            "best": best, "best_epoch": best_epoch, "best_model": best_state,
-            "rng": {"shuffle": shuffle.get_state(), "augment": aug.get_state() if aug is not None else None,
-                    "torch": torch.get_rng_state()}})
+            "best": best, "best_epoch": best_epoch, "best_model": best_state, "metrics": rows,
+            "device": device.type, "partial": partial, "rng": _rng_state(device, shuffle, aug)})
+        saved = (epoch, step)
 
+    def last_good() -> str:
+        if saved is None:
+            return "no checkpoint had been written yet; start again with --overwrite"
+        return f"the last good checkpoint (epoch {saved[0]}, step {saved[1]}) is kept in {out / ckpt.CHECKPOINT}"
+
+    def write_status(status: str, **extra: Any) -> None:
+        ckpt.write_json(out / ckpt.SUMMARY, {
+            "status": status, "method": cfg.method, "model": cfg.model.name, "dataset": bundle.name,
+            "recipe": cfg.recipe, "epochs": cfg.train.epochs, "seed": cfg.seed, "device": str(device),
+            "checkpoint_epoch": saved[0] if saved else None, "checkpoint_step": saved[1] if saved else None,
+            "train_seconds": elapsed, **extra,
+            "resume": f"ccl-repr train --resume {out}" if saved else None, "versions": ckpt.versions()})
+
+    stop, watch = StopRequest(), DivergenceGuard(model, device)
     progress = _progress(range(start_epoch, cfg.train.epochs), cfg, start_epoch)
     model.train()
-    for epoch in progress:
-        t0 = time.perf_counter()
-        sums: dict[str, Tensor] = {}
-        n_batches = 0
-        for x, y in batches(bundle.train, cfg.train.batch_size, generator=shuffle, augment_with=aug):
-            losses = method.losses(model, x, y)
-            optim.step(sum(losses.values()))
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0) + v.detach()
-            n_batches += 1
-            step += 1
-            for hook in hooks:
-                record = hook(step=step, epoch=epoch + 1, model=model, x=x, y=y, method=method)
-                if record:
-                    ckpt.append_jsonl(out / DIAGNOSTICS, {"step": step, "epoch": epoch + 1, **record})
-        train_losses = {k: v.item() / n_batches for k, v in sums.items()}  # one sync per epoch
-        step_seconds = time.perf_counter() - t0
-        elapsed += step_seconds
-        bad = [k for k, v in train_losses.items() if not math.isfinite(v)]
-        where = _first_nonfinite(model)
-        if bad or where:
-            raise DivergenceError(f"training diverged at epoch {epoch + 1}, step {step}: non-finite "
-                                  f"{'loss ' + bad[0] if bad else 'parameters'}"
-                                  f"{' in the ' + where if where else ''}; lower the learning rate or "
-                                  f"clip (optim.forward.clip); last good checkpoint kept in {out}")
-        val = evaluate(model, bundle.val, batch_size=cfg.train.eval_batch_size, bundle=bundle) if len(bundle.val) else \
-            evaluate(model, bundle.train, batch_size=cfg.train.eval_batch_size, bundle=bundle)
-        if _better(model.task, val, best):
-            best, best_epoch = val, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        row = {"epoch": epoch + 1, "step": step, **{f"train/{k}": v for k, v in train_losses.items()},
-               **{f"val/{k}": v for k, v in val.items()}, **{f"lr/{k}": v for k, v in optim.lrs().items()},
-               "epoch_seconds": step_seconds, "samples_per_second": len(bundle.train) / step_seconds}
-        ckpt.append_jsonl(out / ckpt.METRICS, row)
-        if hasattr(progress, "set_postfix"):
-            progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in row.items() if k.startswith("val/")})
-        if cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every == 0:
-            save_state(epoch + 1)
+    try:
+        with stop:
+            for epoch in progress:
+                t0 = time.perf_counter()
+                if partial is not None:  # resumed mid-epoch: continue the saved permutation
+                    order, done, carried = partial["order"].to(device), partial["batches"], partial["seconds"]
+                    sums: dict[str, Tensor] = {k: v.to(device) for k, v in partial["sums"].items()}
+                    partial = None
+                else:
+                    order, done, carried, sums = shuffle_order(bundle.train, shuffle), 0, 0.0, {}
+                n_batches = done
+                for x, y in batches(bundle.train, cfg.train.batch_size, order=order, start=done, augment_with=aug):
+                    optim.zero_grad()
+                    losses = ddp.backward(method, model, x, y)  # this rank's shard, gradients all-reduced
+                    total = sum(losses.values())
+                    optim.clip_and_step()
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0) + v.detach()
+                    n_batches += 1
+                    step += 1
+                    watch.observe(total, step)  # device-side; read below, where a sync happens anyway
+                    for hook in hooks:
+                        record = hook(step=step, epoch=epoch + 1, model=model, x=x, y=y, method=method)
+                        if record:
+                            ckpt.append_jsonl(out / DIAGNOSTICS, {"step": step, "epoch": epoch + 1, **record})
+                    if step % CHECK_EVERY == 0:
+                        watch.check(step=step, epoch=epoch + 1, loss_sums=sums, last_good=last_good())
+                    if stop.requested and n_batches < steps_per_epoch:
+                        # Stop between two optimiser steps: the state is consistent and resumable.
+                        watch.check(step=step, epoch=epoch + 1, loss_sums=sums, last_good=last_good())
+                        save_state(epoch, partial={"order": order, "batches": n_batches, "sums": sums,
+                                                   "seconds": carried + time.perf_counter() - t0})
+                        raise Interrupted(f"interrupted in epoch {epoch + 1} at step {step}; checkpoint written, "
+                                          f"continue with: ccl-repr train --resume {out}", stop.signum or 2)
+                train_losses = {k: v.item() / n_batches for k, v in ddp.average(sums).items()}  # one sync per epoch
+                step_seconds = carried + time.perf_counter() - t0
+                elapsed += step_seconds
+                watch.check(step=step, epoch=epoch + 1, loss_sums=sums, last_good=last_good())
+                val = evaluate(model, bundle.val, batch_size=cfg.train.eval_batch_size, bundle=bundle) if len(bundle.val) else \
+                    evaluate(model, bundle.train, batch_size=cfg.train.eval_batch_size, bundle=bundle)
+                if _better(model.task, val, best):
+                    best, best_epoch = val, epoch + 1
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                row = {"epoch": epoch + 1, "step": step, **{f"train/{k}": v for k, v in train_losses.items()},
+                       **{f"val/{k}": v for k, v in val.items()}, **{f"lr/{k}": v for k, v in optim.lrs().items()},
+                       "epoch_seconds": step_seconds, "samples_per_second": len(bundle.train) / step_seconds}
+                rows.append(row)
+                ckpt.append_jsonl(out / ckpt.METRICS, row)
+                if hasattr(progress, "set_postfix"):
+                    progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in row.items() if k.startswith("val/")})
+                every = cfg.train.checkpoint_every
+                if epoch + 1 < cfg.train.epochs and (stop.requested or (every and (epoch + 1) % every == 0)):
+                    save_state(epoch + 1)
+                if stop.requested and epoch + 1 < cfg.train.epochs:
+                    raise Interrupted(f"interrupted after epoch {epoch + 1} at step {step}; checkpoint written, "
+                                      f"continue with: ccl-repr train --resume {out}", stop.signum or 2)
+            save_state(cfg.train.epochs)
+    except DivergenceError as e:
+        write_status("diverged", error=str(e))
+        raise
+    except KeyboardInterrupt as e:  # Interrupted (checkpoint just written) or a second Ctrl-C
+        write_status("interrupted", error=str(e) or "interrupted")
+        raise
 
-    save_state(cfg.train.epochs)
     model.load_state_dict(best_state)
     ckpt.save_checkpoint(out / ckpt.MODEL, {"model": best_state, "model_meta": meta, "epoch": best_epoch,
                                             "config": cfg.to_dict()})
