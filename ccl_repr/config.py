@@ -101,6 +101,11 @@ class TrainConfig:
     num_threads: int = _opt(0, lo=0, doc="torch CPU threads; 0 = torch's default")
     progress: bool = _opt(True, doc="tqdm progress bar")
     checkpoint_every: int = _opt(1, lo=0, doc="write the resumable checkpoint every N epochs; 0 = only at the end")
+    layerwise: bool = _opt(False, doc="CCL only: backpropagate each pair loss as soon as it exists (memory flat in depth)")
+    compile: bool = _opt(False, doc="torch.compile the loss computation (summed step only)")
+    compile_backend: str = _opt("inductor", choices=("inductor", "aot_eager", "eager"))
+    amp: str = _opt("auto", choices=("auto", "off", "bf16"), doc="bf16 autocast; auto = on for CUDA only")
+    channels_last: str = _opt("auto", choices=("auto", "off", "on"), doc="channels-last conv layout; auto = CUDA + conv models")
 
 
 @dataclass

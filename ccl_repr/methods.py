@@ -5,19 +5,27 @@
   ``backward()`` over the sum updates all layers, yet each gradient is local (spec §3).
 - :class:`Backprop`: detaches off; the task loss on F's output only; G is unused.
 
+``method.backward(model, x, y)`` computes the losses *and* their gradients and returns the
+losses detached; the train loop then reduces gradients across ranks (DDP) and steps. With
+``layerwise=True`` CCL backpropagates each pair loss as soon as the pair exists, so the forward
+network's activations are freed layer by layer and peak memory stays flat in depth.
+
 :class:`Optimizers` owns one SGD per network (forward, feedback), warm-up/cosine schedules,
 gradient centralisation and per-network or per-layer grad-norm clipping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Config, LossConfig, NetOptimConfig, OptimConfig
+from .errors import ConfigError
 from .losses import (ae_pair_loss, classification_pair_loss, flooding_mask, match_matrix)
 from .models import DualNetwork
 
@@ -25,8 +33,10 @@ from .models import DualNetwork
 class CCL:
     name = "ccl"
 
-    def __init__(self, cfg: LossConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: LossConfig, *, layerwise: bool = False) -> None:
+        self.cfg, self.layerwise = cfg, layerwise
+        # Set by the fast path (ccl_repr.fastpath) to bf16 autocast on CUDA; wraps forward work only.
+        self.autocast: Callable[[], ContextManager] = contextlib.nullcontext
 
     def prepare(self, model: DualNetwork) -> None:
         model.set_detach(True)
@@ -47,12 +57,87 @@ class CCL:
         y_match = match_matrix(y, model.num_classes, y if cfg.targets == "samples" else None)
         mask = flooding_mask(logits, y, cfg.flooding) if cfg.flooding > 0 else None
         for l in model.pair_indices(include_output=False):
-            al = a[l] if mask is None else a[l] * mask.view(-1, *([1] * (a[l].dim() - 1)))
-            out[f"pair/{model.layer_names[l]}"] = classification_pair_loss(
-                al, b[l], y_match, form=cfg.form, scale=cfg.scale, anti_collapse=cfg.anti_collapse)
+            out[f"pair/{model.layer_names[l]}"] = self._class_pair(a[l], b[l], y_match, mask)
         # The output layer U_L is trained by the task loss on a_L; its input is detached too.
         out["ce"] = F.cross_entropy(logits, y)
         return out
+
+    def _class_pair(self, a: Tensor, b: Tensor, y_match: Tensor, mask: Tensor | None) -> Tensor:
+        cfg = self.cfg
+        a = a if mask is None else a * mask.view(-1, *([1] * (a.dim() - 1)))
+        return classification_pair_loss(a, b, y_match, form=cfg.form, scale=cfg.scale,
+                                        anti_collapse=cfg.anti_collapse)
+
+    def backward(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Losses and their gradients (accumulated into ``.grad``); returns the losses detached."""
+        if self.layerwise:
+            return self._layerwise_backward(model, x, y)
+        return summed_backward(self, model, x, y)
+
+    def _layerwise_backward(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """The summed step's gradients with memory flat in depth.
+
+        F runs bottom-up and G top-down, so one network's values must wait for the other: G's
+        are kept, as values without graphs (with prototype targets each b_l is only C x d). F is
+        walked bottom-up; at each pair, b_l's one feedback layer is rebuilt with its graph and the
+        pair loss is backpropagated at once, which frees a_l's and b_l's graphs before a_{l+1}
+        is built. Every parameter receives gradient from exactly one loss term (all inputs are
+        detached, spec §3), so the accumulated gradients equal those of ``sum(losses).backward()``.
+        Costs: G's forward twice (C x d rows with prototypes: negligible; a second G pass for
+        per-sample targets and autoencoders), and with flooding one gradient-free forward of F
+        for the mask, which needs the final logits before the first pair."""
+        cfg, n = self.cfg, len(model.layers)
+        reconstruct = model.task == "reconstruct"
+        pairs = set(model.pair_indices(include_output=reconstruct))
+        with torch.no_grad(), self.autocast():
+            b = model.feedback_intermediates(model.feedback_input(x, y, targets=cfg.targets))
+        model.check_input(x)
+        y_match = mask = None
+        if not reconstruct:
+            assert model.num_classes is not None
+            y_match = match_matrix(y, model.num_classes, y if cfg.targets == "samples" else None)
+            if cfg.flooding > 0:
+                with torch.no_grad(), self.autocast():
+                    mask = flooding_mask(model(x), y, cfg.flooding)
+        out: dict[str, Tensor] = {}
+
+        def apply(key: str, loss: Tensor) -> None:
+            if loss.requires_grad:
+                loss.backward()
+            out[key] = loss.detach()
+
+        a = x
+        for l in range(n + 1):
+            if l > 0:
+                with self.autocast():
+                    a = model.layers[l - 1](a)
+            if l not in pairs:
+                continue
+            with self.autocast():
+                bl = _feedback_with_graph(model, b, l)
+                loss = (ae_pair_loss(a, bl, form=cfg.ae_form, inner=0 < l < n) if reconstruct
+                        else self._class_pair(a, bl, y_match, mask))
+            apply(f"pair/{model.layer_names[l]}", loss)
+        if not reconstruct:
+            with self.autocast():
+                loss = F.cross_entropy(a, y)
+            apply("ce", loss)
+        return out
+
+
+def _feedback_with_graph(model: DualNetwork, b: list[Tensor], l: int) -> Tensor:
+    """b_l rebuilt with the graph that its pair loss trains, from the stored value above it.
+    Parameter-free layers (flatten) do not detach, so the rebuild starts above them."""
+    n = len(model.layers)
+    if l == n:
+        return b[n]  # the target: no parameters above it
+    k = l + 1
+    while k < n and not model.layers[k - 1].detach:
+        k += 1
+    t = b[k]
+    for j in range(k - 1, l - 1, -1):
+        t = model.layers[j].feedback(t)
+    return t
 
 
 class Backprop:
@@ -64,6 +149,11 @@ class Backprop:
     def prepare(self, model: DualNetwork) -> None:
         model.set_detach(False)
 
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+
+    def backward(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        return summed_backward(self, model, x, y)
+
     def losses(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         out = model(x)
         if model.task == "reconstruct":
@@ -74,7 +164,21 @@ class Backprop:
 METHODS = {"ccl": CCL, "bp": Backprop}
 
 
+def summed_backward(method: CCL | Backprop, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """One backward() over the sum of the losses (forward work under the method's autocast)."""
+    with method.autocast():
+        losses = method.losses(model, x, y)
+    sum(losses.values()).backward()
+    return {k: v.detach() for k, v in losses.items()}
+
+
 def make_method(cfg: Config) -> CCL | Backprop:
+    layerwise = getattr(cfg.train, "layerwise", False)
+    if cfg.method == "ccl":
+        return CCL(cfg.loss, layerwise=layerwise)
+    if layerwise:
+        raise ConfigError("train.layerwise applies to CCL only (backprop has one global backward pass); "
+                          "set it under the recipe's ccl: section or drop it for --method bp")
     return METHODS[cfg.method](cfg.loss)
 
 
