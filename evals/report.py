@@ -1,0 +1,93 @@
+"""eval.json and a short Markdown report (report.md) that embeds the PNGs.
+
+``eval.json`` holds, per evaluated layer of the forward network (``layers``) and, for
+autoencoders, of the feedback network (``feedback_layers``): ``linear_probe_accuracy``,
+``knn_accuracy`` (top-1), ``knn_top5``, the full protocol records, and the baselines beside it
+(pixels, PCA of the same width, random init). Plus ``baselines``, ``umap``, ``cka``,
+``alignment`` and ``run_summary`` where those were computed. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ccl_repr import checkpoint as ckpt
+
+EVAL_JSON, REPORT_MD = "eval.json", "report.md"
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def _layer_table(layers: dict, title: str) -> list[str]:
+    if not layers:
+        return []
+    lines = [f"### {title}", "",
+             "| layer | dim | linear probe % | kNN top-1 % | kNN top-5 % | pixels (probe / kNN) | PCA same dim "
+             "(probe / kNN) | random init (probe / kNN) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in layers.items():
+        b = r.get("baselines", {})
+
+        def pair(key: str) -> str:
+            x = b.get(key)
+            return "–" if not x else f"{_pct(x.get('linear_probe_accuracy'))} / {_pct(x.get('knn_accuracy'))}"
+
+        lines.append(f"| {name} | {r['dim']} | {_pct(r.get('linear_probe_accuracy'))} | "
+                     f"{_pct(r.get('knn_accuracy'))} | {_pct(r.get('knn_top5'))} | {pair('pixels')} | "
+                     f"{pair('pca')} | {pair('random_init')} |")
+    return lines + [""]
+
+
+def markdown(result: dict) -> str:
+    s = result.get("run_summary", {})
+    lines = [f"# Evaluation of `{result['run_dir']}`", "",
+             f"Model `{result['model']}` ({result['task']}), dataset `{result['dataset']}`, method "
+             f"`{result['method']}`, {result['weights']} weights; feature layer `{result['feature_layer']}`."]
+    if "test_accuracy" in s:
+        lines.append(f"Run: test accuracy {_pct(s['test_accuracy'])} % at best epoch {s.get('best_epoch')}.")
+    elif "test_mse" in s:
+        lines.append(f"Run: test reconstruction MSE {s['test_mse']:.5f} at best epoch {s.get('best_epoch')}.")
+    lines += ["", "## Linear probe and kNN per layer", ""]
+    lines += _layer_table(result.get("layers", {}), "Forward network F")
+    lines += _layer_table(result.get("feedback_layers", {}), "Feedback network G (fed the images)")
+    first = next(iter(result.get("layers", {}).values()), None)
+    if first:
+        lp, kn = first.get("linear_probe", {}).get("protocol"), first.get("knn", {}).get("protocol")
+        if lp:
+            lines.append(f"Linear probe: standardised features, logistic regression, C from {lp['Cs']} chosen "
+                         f"on {lp['num_val']} validation samples; {lp['num_train']} train, {lp['num_test']} test.")
+        if kn:
+            lines.append(f"kNN: cosine similarity, k={kn['k']}, votes exp(sim/{kn['temperature']}).")
+        lines.append("")
+    for u in result.get("umap", []):
+        p = u["params"]
+        lines += [f"## UMAP of layer {u['layer']}", "", f"![UMAP {u['layer']}]({u['png']})", "",
+                  f"{u['num_points']} test points + {u['num_feedback_points']} feedback points "
+                  f"({u['feedback_kind']}) in one fit; n_neighbors {p['n_neighbors']}, min_dist {p['min_dist']}, "
+                  f"metric {p['metric']}, seed {p['seed']} (parameters in {Path(u['png']).stem}.json).", ""]
+    if "cka" in result:
+        c = result["cka"]
+        lines += ["## CKA between forward and feedback layers", "", f"![CKA]({c['png']})", "",
+                  f"Linear CKA on {c['protocol']['max_samples']} test samples (at most); rows: forward layers "
+                  f"a_l, columns: feedback layers b_m; one panel per checkpoint. Numbers in cka.json.", ""]
+    if "alignment" in result:
+        a = result["alignment"]
+        lines += ["## Weight alignment and update angle", "",
+                  "| layer | cos(U, V^T) | at random init | angle(CCL update, backprop) ° | at random init ° |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, v in a["weight_alignment"].items():
+            lines.append(f"| {name} | {v:.3f} | {a['weight_alignment_random_init'].get(name, float('nan')):.3f} | "
+                         f"{a['update_angle_degrees'].get(name, float('nan')):.1f} | "
+                         f"{a['update_angle_degrees_random_init'].get(name, float('nan')):.1f} |")
+        lines.append("")
+    lines.append(f"Evaluation took {result.get('seconds', 0):.1f} s. Full numbers and protocols: `{EVAL_JSON}`.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict, out_dir: Path | str) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    ckpt.write_json(out / EVAL_JSON, result)
+    ckpt.atomic_write_bytes(out / REPORT_MD, markdown(result).encode())
+    return out / EVAL_JSON, out / REPORT_MD
