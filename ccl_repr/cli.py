@@ -35,6 +35,15 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--diagnostics-every", type=int, metavar="N",
+                   help="every N steps log weight alignment and CCL-vs-backprop update angles to diagnostics.jsonl")
+
+
+def _diagnostics_hooks(args: argparse.Namespace) -> list:
+    if not args.diagnostics_every:
+        return []
+    from evals.alignment import DiagnosticsHook
+    return [DiagnosticsHook(every=args.diagnostics_every)]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -58,7 +67,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = config_from_dict(ckpt.read_json(run / ckpt.CONFIG))
         if args.no_progress:
             cfg.train.progress = False
-        summary = train(cfg, run, resume=True, log=lambda m: print(m, file=sys.stderr))
+        summary = train(cfg, run, resume=True, log=lambda m: print(m, file=sys.stderr),
+                        hooks=_diagnostics_hooks(args))
     else:
         if not args.recipe:
             raise _usage("train needs a RECIPE (see `ccl-repr recipes`) or --resume RUN_DIR")
@@ -76,12 +86,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = make_config(args.recipe, method=args.method, overrides=over, sets=args.sets)
         out = Path(args.out) if args.out else Path("runs") / (
             f"{cfg.recipe or 'run'}-{cfg.method}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        summary = train(cfg, out, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+        summary = train(cfg, out, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr),
+                        hooks=_diagnostics_hooks(args))
         run = out
     keys = [k for k in ("method", "model", "dataset", "epochs", "seed", "test_accuracy", "best_val_accuracy",
                         "test_mse", "best_epoch", "train_seconds", "samples_per_second") if k in summary]
     print(json.dumps({k: summary[k] for k in keys}))
     print(f"run folder: {run}", file=sys.stderr)
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a run: linear probe, kNN, UMAP, CKA, weight alignment")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `ccl-repr train`")
+    p.add_argument("--layers", nargs="+", help="layer names or indices (default: every layer above the input)")
+    p.add_argument("--protocols", default="linear,knn,umap,cka,align",
+                   help="comma-separated subset of linear,knn,umap,cka,align (default: all)")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/eval)")
+    p.add_argument("--data-root", help="folder holding the datasets, if not the run's data.root")
+    p.add_argument("--weights", choices=("tested", "last"), default="tested",
+                   help="best-validation weights (default) or the last epoch's")
+    p.add_argument("--networks", choices=("auto", "forward", "feedback", "both"), default="auto",
+                   help="networks to probe (auto: forward; plus feedback for autoencoders)")
+    p.add_argument("--baselines", default="pixels,pca,random_init", help="comma-separated; '' for none")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--cache", metavar="DIR", help="cache extracted features in DIR")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evals.evaluate import EvalConfig, evaluate_run
+
+    config = EvalConfig(layers=args.layers, protocols=[p for p in args.protocols.split(",") if p],
+                        networks=args.networks, baselines=[b for b in args.baselines.split(",") if b],
+                        weights=args.weights, device=args.device, cache_dir=args.cache)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
+    result = evaluate_run(args.run_dir, out_dir=out, data_root=args.data_root, config=config,
+                          log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({name: {k: r.get(k) for k in ("linear_probe_accuracy", "knn_accuracy")}
+                      for name, r in result["layers"].items()}))
+    print(f"eval folder: {out} (eval.json, report.md)", file=sys.stderr)
     return 0
 
 
@@ -108,12 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ccl-repr", description="Counter-Current Learning toolkit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
+    _add_eval(sub)
     sub.add_parser("models", help="list the model registry")
     sub.add_parser("recipes", help="list the bundled recipes")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "models": cmd_models, "recipes": cmd_recipes}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "recipes": cmd_recipes}
 
 
 def main(argv: list[str] | None = None) -> int:
