@@ -275,6 +275,9 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
         "params_feedback": sum(p.numel() for p in model.network_parameters("feedback")),
         "status": "completed", "versions": ckpt.versions(),
     }
+    if model.task == "reconstruct":  # test reconstructions + per-pair training curves (PNG)
+        from .plots import write_ae_figures
+        summary["figures"] = write_ae_figures(out, model, bundle, method=cfg.method)
     ckpt.write_json(out / ckpt.SUMMARY, summary)
     return summary
 
