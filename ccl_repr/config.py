@@ -111,7 +111,7 @@ class TrainConfig:
 @dataclass
 class Config:
     method: str = _opt("ccl", choices=METHODS)
-    seed: int = _opt(0, lo=0)
+    seed: int = _opt(0, lo=0, hi=2**32 - 2, doc="numpy accepts seeds below 2**32; the augment stream uses seed+1")
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     recipe: str = _opt("", doc="the recipe this config came from (informational)")
     data: DataConfig = field(default_factory=DataConfig)

@@ -152,10 +152,7 @@ def load_data(cfg: DataConfig, *, device: torch.device | str = "cpu", seed: int 
         xtr, ytr, xte, yte, c = _imagefolder(cfg.root, cfg.image_size)
     else:
         xtr, ytr, xte, yte, c = _torchvision(name, cfg.root, cfg.download)
-    for split_name, yy in (("train", ytr), ("test", yte)):
-        if len(yy) and (int(yy.min()) < 0 or int(yy.max()) >= c):
-            raise DataError(f"{split_name} labels of {name} range over [{int(yy.min())}, {int(yy.max())}], "
-                            f"outside 0..{c - 1}; fix the dataset's labels")
+    check_labels(name, c, train=ytr, test=yte)
     if cfg.train_subset:
         xtr, ytr = xtr[: cfg.train_subset], ytr[: cfg.train_subset]
     if cfg.test_subset:
@@ -184,6 +181,17 @@ def load_data(cfg: DataConfig, *, device: torch.device | str = "cpu", seed: int 
 
     return DataBundle(name=name, train=prep(xtr, ytr), val=prep(xval, yval), test=prep(xte, yte),
                       num_classes=c, mean=mean, std=std)
+
+
+def check_labels(name: str, num_classes: int, **splits: Tensor) -> None:
+    """Labels must index the classes: a label outside 0..C-1 would crash deep in the loss."""
+    for split_name, y in splits.items():
+        if y.dtype.is_floating_point or y.dim() != 1:
+            raise DataError(f"{split_name} labels of {name} must be a 1-D integer tensor, got {y.dtype} of shape "
+                            f"{tuple(y.shape)}; fix the dataset's labels")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise DataError(f"{split_name} labels of {name} range over [{int(y.min())}, {int(y.max())}], "
+                            f"outside 0..{num_classes - 1}; fix the dataset's labels")
 
 
 def pad_to(x: Tensor, size: int) -> Tensor:

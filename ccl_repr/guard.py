@@ -62,16 +62,20 @@ class StopRequest:
         self._previous.clear()
 
 
-def nonfinite_layers(model: torch.nn.Module) -> list[str]:
-    """'network network, layer name' for every layer holding a non-finite parameter.
+def nonfinite_layers(model: torch.nn.Module) -> dict[str, list[str]]:
+    """{network: [layer names]} of the layers holding a non-finite parameter.
 
     One host sync when everything is finite (the common case)."""
     groups = [(net, name, ps) for net in ("forward", "feedback")
               for name, ps in model.parameter_groups(net)]  # type: ignore[operator]
     flags = [torch.stack([torch.isfinite(p).all() for p in ps]).all() for _, _, ps in groups]
     if not flags or bool(torch.stack(flags).all()):
-        return []
-    return [f"{net} network, layer {name}" for (net, name, _), ok in zip(groups, flags) if not ok]
+        return {}
+    bad: dict[str, list[str]] = {}
+    for (net, name, _), ok in zip(groups, flags):
+        if not ok:
+            bad.setdefault(net, []).append(name)
+    return bad
 
 
 class DivergenceGuard:
@@ -93,13 +97,12 @@ class DivergenceGuard:
         if first < 0 and not layers:
             return
         losses = [k for k, v in loss_sums.items() if not bool(torch.isfinite(v).all())]
-        what = []
-        if losses:
-            what.append(f"non-finite loss {', '.join(losses[:3])}")
-        if layers:
-            what.append(f"non-finite parameters in the {'; '.join(layers[:3])}")
-        nets = sorted({w.split(" ")[0] for w in layers}) or ["forward", "feedback"]
+        what = [f"non-finite loss {', '.join(losses)}"] if losses else []
+        what += [f"non-finite parameters in {net} network layer{'s' if len(names) > 1 else ''} {', '.join(names)}"
+                 for net, names in layers.items()]
+        nets = list(layers) or ["forward", "feedback"]
         fix = " or ".join(f"optim.{n}.lr" for n in nets)
+        clip = " / ".join(f"optim.{n}.clip=1.0" for n in nets)
         raise DivergenceError(
-            f"training diverged at step {first if first >= 0 else step} (epoch {epoch}): "
-            f"{' and '.join(what)}; lower {fix} or set a gradient clip (optim.{nets[0]}.clip=1.0); {last_good}")
+            f"training diverged at step {first if first >= 0 else step} (epoch {epoch}): {' and '.join(what)}; "
+            f"lower {fix} or clip gradients ({clip}); {last_good}")
