@@ -51,6 +51,7 @@ class EvalConfig:
     batch_size: int = 1024
     cache_dir: str | None = None
     device: str = "cpu"
+    blas_threads: int | None = 1  # numpy/scikit-learn BLAS threads (see linear_probe); None: untouched
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
     umap: UMAPConfig = field(default_factory=UMAPConfig)
@@ -96,12 +97,43 @@ def evaluate_run(run_dir: Path | str, *, out_dir: Path | str | None = None, data
                  config: EvalConfig = EvalConfig(), log=print) -> dict:
     """Run the protocols on a run folder; writes eval.json, report.md and PNGs into ``out_dir``
     (default RUN_DIR/eval) and returns the eval.json record."""
+    from threadpoolctl import threadpool_limits
+
     t_start = time.perf_counter()
-    device = _device(config.device)
-    run = open_run(run_dir, weights=config.weights, data_root=data_root, device=device)
-    model, data, cfg = run.model, run.data, run.cfg
+    run = open_run(run_dir, weights=config.weights, data_root=data_root, device=_device(config.device))
+    model, cfg = run.model, run.cfg
     out = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"run_dir": str(run_dir), "model": model.name, "task": model.task, "dataset": run.data.name,
+                    "method": cfg.method, "weights": config.weights, "layer_names": model.layer_names,
+                    "feature_layer": model.layer_names[model.feature_index], "protocols": list(config.protocols),
+                    "layers": {}, "baselines": {}}
+    summary_path = Path(run_dir) / ckpt.SUMMARY
+    if summary_path.exists():
+        result["run_summary"] = {k: v for k, v in ckpt.read_json(summary_path).items() if k != "versions"}
+    random_model = random_init_model(cfg, model)
+    with threadpool_limits(limits=config.blas_threads):
+        if any(p in config.protocols for p in ("linear", "knn")):
+            _score_layers(run, random_model, config, result, log)
+        if "umap" in config.protocols:
+            result["umap"] = [_umap(run, spec, config, out, log) for spec in config.umap_layers]
+        if "cka" in config.protocols:
+            log("cka")
+            models = {"random init": random_model, f"{config.weights} weights": model}
+            if config.weights == "tested" and (Path(run_dir) / ckpt.CHECKPOINT).exists():
+                models["last epoch"] = ckpt.load_run(Path(run_dir), weights="last")[1].to(_device(config.device))
+            result["cka"] = run_cka(models, run.data.test.x, run.data.test.y, out, max_samples=config.cka_samples)
+        if "align" in config.protocols:
+            log("alignment")
+            result["alignment"] = _alignment(run, random_model)
+    result["seconds"] = time.perf_counter() - t_start
+    write_report(result, out)
+    return result
+
+
+def _score_layers(run, random_model: DualNetwork, config: EvalConfig, result: dict, log) -> None:
+    """Probe + kNN per layer and network, each with its baselines (pixels, PCA, random init)."""
+    model, data = run.model, run.data
     splits = (data.train, data.val, data.test)
     ys = [s.y.cpu() for s in splits]
     layers = resolve_layers(model, config.layers)
@@ -111,82 +143,66 @@ def evaluate_run(run_dir: Path | str, *, out_dir: Path | str | None = None, data
         raise EvalError("a classifier's per-sample feedback features depend on the label alone; probing "
                         "them measures nothing. Use --networks forward (UMAP and CKA still show G)")
     scoring = [p for p in config.protocols if p in ("linear", "knn")]
-    result: dict = {"run_dir": str(run_dir), "model": model.name, "task": model.task, "dataset": data.name,
-                    "method": cfg.method, "weights": config.weights, "layer_names": model.layer_names,
-                    "feature_layer": model.layer_names[model.feature_index], "protocols": list(config.protocols),
-                    "layers": {}, "baselines": {}}
-    summary_path = Path(run_dir) / ckpt.SUMMARY
-    if summary_path.exists():
-        result["run_summary"] = {k: v for k, v in ckpt.read_json(summary_path).items() if k != "versions"}
 
     def feats_of(m: DualNetwork, network: str) -> dict[int, list[Tensor]]:
         per_split = [extract(m, s.x, y=s.y, layers=layers, network=network, batch_size=config.batch_size,
                              cache_dir=config.cache_dir) for s in splits]
         return {i: [p[i] for p in per_split] for i in layers}
 
-    random_model = random_init_model(cfg, model) if "random_init" in config.baselines or "cka" in \
-        config.protocols or "align" in config.protocols else None
-    if scoring:
-        base = result["baselines"]
-        pca_cache = PCACache(*(s.x for s in splits))
-        if "pixels" in config.baselines:
-            log("baseline: pixels")
-            base["pixels"] = score(pixels(*(s.x for s in splits)), ys, scoring, config)
-        for network in networks:
-            learned = feats_of(model, network)
-            rand = feats_of(random_model, network) if "random_init" in config.baselines else {}
-            key = "layers" if network == "forward" else "feedback_layers"
-            result.setdefault(key, {})
-            for i in layers:
-                name = model.layer_names[i]
-                log(f"{network} {name}: {', '.join(scoring)}")
-                rec = {"index": i, "network": network, **score(learned[i], ys, scoring, config), "baselines": {}}
-                if "pixels" in base:
-                    rec["baselines"]["pixels"] = _short(base["pixels"])
-                if "pca" in config.baselines:
-                    dim = rec["dim"]
-                    pca_key = f"pca{min(dim, data.train.x[0].numel())}"
-                    if pca_key not in base:
-                        feats, info = pca_cache(dim)
-                        base[pca_key] = {**score(feats, ys, scoring, config), "pca": info}
-                    rec["baselines"]["pca"] = {**_short(base[pca_key]), "key": pca_key}
-                if rand:
-                    r = score(rand[i], ys, scoring, config)
-                    base[f"random_init/{network}/{name}"] = r
-                    rec["baselines"]["random_init"] = _short(r)
-                result[key][name] = rec
-    if "umap" in config.protocols:
-        result["umap"] = []
-        for spec in config.umap_layers:
-            i = resolve_layer(model, spec)
+    base = result["baselines"]
+    pca_cache = PCACache(*(s.x for s in splits))
+    if "pixels" in config.baselines:
+        log("baseline: pixels")
+        base["pixels"] = score(pixels(*(s.x for s in splits)), ys, scoring, config)
+    for network in networks:
+        learned = feats_of(model, network)
+        rand = feats_of(random_model, network) if "random_init" in config.baselines else {}
+        key = "layers" if network == "forward" else "feedback_layers"
+        result.setdefault(key, {})
+        for i in layers:
             name = model.layer_names[i]
-            log(f"umap {name}")
-            x_test = data.test.x[: config.umap.max_points]
-            f = extract(model, x_test, layers=[i])[i]
-            if model.task == "classify":
-                fb, fb_y, kind = prototypes(model, layers=[i])[i], torch.arange(model.num_classes), "prototypes"
-            else:
-                fb, fb_y, kind = extract(model, x_test, layers=[i], network="feedback")[i], data.test.y, "samples"
-            rec = umap_plot(f, data.test.y, out / f"umap_{name}.png", feedback_feats=fb, feedback_labels=fb_y,
-                            feedback_kind=kind, config=config.umap,
-                            title=f"{model.name} {cfg.method}: layer {name}, test images + feedback {kind}")
-            result["umap"].append({"layer": name, **rec})
-    if "cka" in config.protocols:
-        log("cka")
-        models = {"random init": random_model, f"{config.weights} weights": model}
-        if config.weights == "tested" and (Path(run_dir) / ckpt.CHECKPOINT).exists():
-            models["last epoch"] = ckpt.load_run(Path(run_dir), weights="last")[1].to(device)
-        result["cka"] = run_cka(models, data.test.x, data.test.y, out, max_samples=config.cka_samples)
-    if "align" in config.protocols:
-        log("alignment")
-        x, y = data.train.x[:ANGLE_BATCH].to(device), data.train.y[:ANGLE_BATCH].to(device)
-        ccl = CCL(cfg.loss)
-        result["alignment"] = {
-            "weight_alignment": weight_alignment(model), "weight_alignment_random_init": weight_alignment(random_model),
-            "update_angle_degrees": update_angles(model, x, y, method=ccl),
+            log(f"{network} {name}: {', '.join(scoring)}")
+            rec = {"index": i, "network": network, **score(learned[i], ys, scoring, config), "baselines": {}}
+            if "pixels" in base:
+                rec["baselines"]["pixels"] = _short(base["pixels"])
+            if "pca" in config.baselines:
+                pca_key = f"pca{min(rec['dim'], data.train.x[0].numel())}"
+                if pca_key not in base:
+                    feats, info = pca_cache(rec["dim"])
+                    base[pca_key] = {**score(feats, ys, scoring, config), "pca": info}
+                rec["baselines"]["pca"] = {**_short(base[pca_key]), "key": pca_key}
+            if rand:
+                base[f"random_init/{network}/{name}"] = r = score(rand[i], ys, scoring, config)
+                rec["baselines"]["random_init"] = _short(r)
+            result[key][name] = rec
+
+
+def _umap(run, spec: LayerSpec, config: EvalConfig, out: Path, log) -> dict:
+    """Test features of one layer with the feedback network's prototypes (or features) in one map."""
+    model, data = run.model, run.data
+    i = resolve_layer(model, spec)
+    name = model.layer_names[i]
+    log(f"umap {name}")
+    x_test = data.test.x[: config.umap.max_points]
+    f = extract(model, x_test, layers=[i])[i]
+    if model.task == "classify":
+        fb, fb_y, kind = prototypes(model, layers=[i])[i], torch.arange(model.num_classes), "prototypes"
+    else:
+        fb, fb_y, kind = extract(model, x_test, layers=[i], network="feedback")[i], data.test.y, "samples"
+    rec = umap_plot(f, data.test.y, out / f"umap_{name}.png", feedback_feats=fb, feedback_labels=fb_y,
+                    feedback_kind=kind, config=config.umap,
+                    title=f"{model.name} {run.cfg.method}: layer {name}, test images + feedback {kind}")
+    return {"layer": name, **rec}
+
+
+def _alignment(run, random_model: DualNetwork) -> dict:
+    """Weight alignment and CCL-vs-backprop angles, trained weights next to random init."""
+    device = next(run.model.parameters()).device
+    x, y = run.data.train.x[:ANGLE_BATCH].to(device), run.data.train.y[:ANGLE_BATCH].to(device)
+    ccl = CCL(run.cfg.loss)
+    return {"weight_alignment": weight_alignment(run.model),
+            "weight_alignment_random_init": weight_alignment(random_model),
+            "update_angle_degrees": update_angles(run.model, x, y, method=ccl),
             "update_angle_degrees_random_init": update_angles(random_model, x, y, method=ccl),
-            "protocol": {"batch": "first %d training samples" % len(y), "loss": "the run's CCL loss config",
+            "protocol": {"batch": f"first {len(y)} training samples", "loss": "the run's CCL loss config",
                          "conv_transpose": "channels swapped, kernel flipped (adjoint)"}}
-    result["seconds"] = time.perf_counter() - t_start
-    write_report(result, out)
-    return result

@@ -6,7 +6,8 @@
     search fits at most ``search_rows`` training rows (a seeded random subset; small C first,
     each fit warm-started from the last); the best C is then refitted on all training rows and
     scored on the test set. Defaults: C in {1e-3, 1e-2, 1e-1, 1, 10}, search_rows 10000,
-    max_iter 200, tol 1e-4, val_fraction 0.1, seed 0.
+    max_iter 200, tol 1e-4, val_fraction 0.1, seed 0, BLAS threads 1 (threadpoolctl: on a small
+    shared machine multi-threaded BLAS spins and was 8-40x slower than one thread for these fits).
 (b) :func:`probe_torch` — a torch linear head for large feature sets: standardised features,
     SGD (momentum 0.9, weight decay 0), cosine learning-rate schedule to 0, cross-entropy.
     Defaults: 30 epochs, batch 256, lr 0.1, seed 0. Reports the test accuracy of the last
@@ -37,6 +38,7 @@ class ProbeConfig:
     tol: float = 1e-4
     val_fraction: float = 0.1
     seed: int = 0
+    blas_threads: int | None = 1  # None: leave the BLAS thread pools alone
 
 
 @dataclass
@@ -76,6 +78,7 @@ def probe(train_feats, train_y, test_feats, test_y, *, val_feats=None, val_y=Non
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     t0 = time.perf_counter()
     x, y = _np(train_feats), _np(train_y, np.int64)
@@ -85,7 +88,7 @@ def probe(train_feats, train_y, test_feats, test_y, *, val_feats=None, val_y=Non
     sub = np.random.default_rng(config.seed).permutation(len(y))[: config.search_rows]
     val_acc: dict[str, float] = {}
     best_c, clf = None, None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(limits=config.blas_threads):
         warnings.simplefilter("ignore", ConvergenceWarning)
         for c in sorted(config.Cs):  # small C first; each fit starts from the previous solution
             clf = LogisticRegression(C=c, max_iter=config.max_iter, tol=config.tol, warm_start=True) \
@@ -105,8 +108,8 @@ def probe(train_feats, train_y, test_feats, test_y, *, val_feats=None, val_y=Non
                          "Cs": list(config.Cs), "selection": "validation accuracy",
                          "search_rows": min(config.search_rows, len(y)), "max_iter": config.max_iter,
                          "tol": config.tol, "val_fraction": None if val_feats is not None else config.val_fraction,
-                         "seed": config.seed, "num_train": len(y), "num_val": len(vy), "num_test": len(tx),
-                         "dim": x.shape[1]}}
+                         "seed": config.seed, "blas_threads": config.blas_threads, "num_train": len(y),
+                         "num_val": len(vy), "num_test": len(tx), "dim": x.shape[1]}}
 
 
 def probe_torch(train_feats, train_y, test_feats, test_y, *, val_feats=None, val_y=None,

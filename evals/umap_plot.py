@@ -52,7 +52,7 @@ def embed(feats, *, config: UMAPConfig = UMAPConfig()) -> np.ndarray:
         raise EvalError(f"UMAP needs at least 4 points, got {len(x)}; pass more test samples")
     reducer = umap.UMAP(n_components=2, n_neighbors=min(config.n_neighbors, len(x) - 1),
                         min_dist=config.min_dist, metric=config.metric, random_state=config.seed,
-                        n_epochs=config.n_epochs)
+                        n_epochs=config.n_epochs, n_jobs=1)  # seeded umap-learn is single-threaded
     return reducer.fit_transform(x)
 
 
