@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ccl-repr {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # train() has written its checkpoint and an "interrupted" summary
-        print(f"ccl-repr {args.command}: {e or 'interrupted; continue a training run with --resume RUN_DIR'}",
-              file=sys.stderr)
+        why = str(e) or "interrupted; checkpoints already written are kept (continue with --resume RUN_DIR)"
+        print(f"ccl-repr {args.command}: {why}", file=sys.stderr)
         return 128 + int(getattr(e, "signum", 2))  # 130 for Ctrl-C, 143 for SIGTERM
 
 

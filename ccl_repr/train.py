@@ -117,7 +117,14 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     method=)``; a hook decides itself when to act (e.g. every N steps), must leave the model's
     train/eval mode as it found it, and may return a dict that is appended, with the step, to
     ``diagnostics.jsonl`` in the run folder. This is how evaluations (which the core does not
-    import) are logged during training."""
+    import) are logged during training.
+
+    ``resume=True`` continues ``out_dir`` from its checkpoint and ends as the uninterrupted run
+    would (bit-for-bit on CPU; metrics rows and diagnostics written after the checkpoint are
+    dropped). The first SIGINT/SIGTERM stops at the next step boundary, writes a checkpoint (mid-
+    epoch if need be) and a summary with status "interrupted", and raises guard.Interrupted. A
+    non-finite loss or parameter writes a summary with status "diverged", keeps the last good
+    checkpoint and raises DivergenceError."""
     out = distributed.run_dir(Path(out_dir), resume=resume)  # only rank 0 writes the run folder
     if resume:
         if not out.is_dir():

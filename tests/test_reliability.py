@@ -21,7 +21,10 @@ import torch
 from ccl_repr import checkpoint as ckpt
 from ccl_repr.cli import main
 from ccl_repr.data import check_labels
+from ccl_repr.config import make_config
 from ccl_repr.errors import CheckpointError, DataError
+from ccl_repr.guard import Interrupted
+from ccl_repr.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 # 162 steps per epoch at batch 8: slow enough (~0.4 s an epoch) to kill a run between epochs.
@@ -96,11 +99,14 @@ def flip_tensor_byte(path: Path) -> None:
 
 # --------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def threads():
+    """One thread for the in-process runs: on a shared 2-core machine, two spinning BLAS threads
+    make these tiny runs tens of times slower."""
     before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(before)  # runs below set train.num_threads=1 process-wide
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +122,8 @@ def ws(tmp_path_factory, threads) -> Path:
     """A workspace of run folders in every state the bad inputs below point at."""
     ws = tmp_path_factory.mktemp("ws")
     done = ws / "done"
-    assert main(["train", "mlp_digits", "--epochs", "2", "--no-progress", "--out", str(done)]) == 0
+    assert main(["train", "mlp_digits", "--epochs", "2", "--no-progress", "--set", "train.num_threads=1",
+                 "--out", str(done)]) == 0
     for name in ("resumable", "trunc", "rand", "evil", "flip", "edited", "nockpt"):
         shutil.copytree(done, ws / name)
         (ws / name / "summary.json").unlink()  # as if killed before the end
@@ -209,9 +216,10 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, case, argv, expect
 
 def test_bad_inputs_through_the_installed_entry_point(ws, tmp_path):
     """The same contract from a real process (argparse error and a config error)."""
-    for argv, expected in ((["train", "mlp_digits", "--epochs", "x"], "invalid int value"),
-                           (["train", "mlp_digits", "--set", "optim.forward.lr=-1", "--out", "new"], "must be >= 0")):
-        proc = spawn(argv, tmp_path)
+    cases = [(["train", "mlp_digits", "--epochs", "x"], "invalid int value"),
+             (["train", "mlp_digits", "--set", "optim.forward.lr=-1", "--out", "new"], "must be >= 0")]
+    procs = [(spawn(argv, tmp_path), expected) for argv, expected in cases]  # both at once: startup dominates
+    for proc, expected in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
     assert not any(tmp_path.iterdir())
@@ -291,17 +299,31 @@ def test_label_ranges_are_checked():
 
 # --------------------------------------------------------------------------- resume
 
-def test_sigkill_then_resume_matches_uninterrupted_run(reference, tmp_path):
-    run = tmp_path / "killed"
-    proc = spawn([*RUN, "--out", str(run)], tmp_path)
-    wait_for_epochs(run, 2, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL and not (run / "summary.json").exists()
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory) -> tuple[dict[str, Path], dict[str, tuple[int, str, str]]]:
+    """Two CLI processes started together into two folders (their start-up dominates the time):
+    one killed with SIGKILL after its second epoch, one sent SIGINT shortly after its second."""
+    root = tmp_path_factory.mktemp("signalled")
+    runs = {name: root / name for name in ("killed", "interrupted")}
+    procs = {name: spawn([*RUN, "--out", str(run)], root) for name, run in runs.items()}
+    for name, sig, pause in (("killed", signal.SIGKILL, 0.0), ("interrupted", signal.SIGINT, 0.1)):
+        wait_for_epochs(runs[name], 2, procs[name])
+        time.sleep(pause)  # SIGINT most likely lands mid-epoch: exercises the mid-epoch checkpoint
+        procs[name].send_signal(sig)
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        results[name] = (proc.returncode, out, err, rows(runs[name]))
+    return runs, results
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(reference, signalled, capsys):
+    runs, results = signalled
+    run = runs["killed"]
+    assert results["killed"][0] == -signal.SIGKILL and not (run / "summary.json").exists()
     killed_at = len(rows(run))
-    resumed = spawn(["train", "--resume", str(run)], tmp_path)
-    out, err = resumed.communicate(timeout=120)
-    assert resumed.returncode == 0, err
+    code, out, err = run_main(["train", "--resume", str(run)], capsys)  # the CLI, in this process
+    assert code == 0, err
     assert f"resuming {run} from epoch" in err
     print(f"killed after {killed_at} logged epochs; resumed rows == reference rows: "
           f"{rows(run) == rows(reference)}; test_accuracy {summary(run)['test_accuracy']} vs "
@@ -311,14 +333,18 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference, tmp_path):
     assert json.loads(out)["test_accuracy"] == summary(reference)["test_accuracy"]
 
 
-def test_sigint_writes_checkpoint_and_interrupted_summary_then_resumes_exactly(reference, tmp_path, capsys):
-    run = tmp_path / "interrupted"
-    proc = spawn([*RUN, "--out", str(run)], tmp_path)
-    wait_for_epochs(run, 2, proc)
-    time.sleep(0.1)  # most likely mid-epoch: exercises the mid-epoch checkpoint
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+def test_concurrent_runs_into_different_folders_do_not_interfere(reference, signalled):
+    """The two runs above trained at the same time from the same seed: each logged exactly the
+    reference's epochs (and each ends equal to it once resumed, below)."""
+    _, results = signalled
+    for _, _, _, logged in results.values():
+        assert len(logged) >= 2 and logged == rows(reference)[: len(logged)]
+
+
+def test_sigint_writes_checkpoint_and_interrupted_summary_then_resumes_exactly(reference, signalled, capsys):
+    runs, results = signalled
+    run, (code, _, err, _) = runs["interrupted"], results["interrupted"]
+    assert code == 130, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0] and f"--resume {run}" in lines[0]
     status = json.loads((run / "summary.json").read_text())
@@ -331,12 +357,36 @@ def test_sigint_writes_checkpoint_and_interrupted_summary_then_resumes_exactly(r
     assert rows(run) == rows(reference) and summary(run) == summary(reference)
 
 
+def test_sigterm_mid_epoch_with_checkpoint_every_0_resumes_exactly(reference, tmp_path, threads):
+    """A real signal sent from a step hook at a known step: the stop lands mid-epoch, and even a run
+    that checkpoints only at the end writes a resumable checkpoint before stopping."""
+    cfg = make_config("mlp_digits", overrides={"train": {"epochs": 6, "progress": False, "num_threads": 1,
+                                                         "batch_size": 8, "checkpoint_every": 0}})
+    run = tmp_path / "terminated"
+
+    def terminate_at_step_200(*, step, **_):
+        if step == 200:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as e:
+        train(cfg, run, hooks=[terminate_at_step_200], log=lambda m: None)
+    assert e.value.signum == signal.SIGTERM and "at step 200" in str(e.value)
+    state = ckpt.load_checkpoint(run / "checkpoint.pt")
+    assert (state["epoch"], state["step"], state["partial"]["batches"]) == (1, 200, 200 - 162)
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) == handler  # the previous handler is back
+    train(cfg, run, resume=True, log=lambda m: None)
+    assert rows(run) == rows(reference) and summary(run) == summary(reference)
+
+
 # --------------------------------------------------------------------------- divergence
 
 def test_huge_learning_rate_stops_cleanly_naming_layer_and_step(tmp_path, capsys, threads):
     run = tmp_path / "diverged"
     code, out, err = run_main(["train", "mlp_digits", "--epochs", "3", "--no-progress", "--out", str(run),
-                               "--set", "optim.forward.lr=1e30", "--set", "optim.forward.clip=0"], capsys)
+                               "--set", "train.num_threads=1", "--set", "optim.forward.lr=1e30",
+                               "--set", "optim.forward.clip=0"], capsys)
     line = err.strip()
     print(f"divergence (lr=1e30): {line}", file=sys.__stdout__)
     assert code == 2 and out == "" and len(line.splitlines()) == 1
@@ -350,7 +400,7 @@ def test_divergence_keeps_last_good_checkpoint(tmp_path, capsys, threads):
     """A linear network whose learning rate warms up towards 100 trains for a few epochs, then blows up."""
     run = tmp_path / "late"
     code, _, err = run_main(["train", "mlp_digits", "--epochs", "8", "--no-progress", "--out", str(run),
-                             "--set", "model.act_forward=identity", "--set", "optim.forward.lr=100",
+                             "--set", "train.num_threads=1", "--set", "model.act_forward=identity", "--set", "optim.forward.lr=100",
                              "--set", "optim.warmup_steps=20000", "--set", "optim.forward.clip=0"], capsys)
     print(f"divergence (warm-up): {err.strip()}", file=sys.__stdout__)
     assert code == 2 and "training diverged at step" in err and "last good checkpoint (epoch" in err
