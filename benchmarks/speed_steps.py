@@ -1,0 +1,90 @@
+"""Step time, samples/s, FLOPs and model FLOPs utilisation (MFU) of CCL and backprop per model.
+
+For every registry model at its natural input size, a synthetic batch, one training step exactly
+as the train loop runs it (zero_grad, backward, clip + SGD for F and G). CCL and backprop steps
+take turns (a, b, a, b, ...) so that machine load hits both; reported are medians over repeats.
+MFU = FLOPs of the step (torch.utils.flop_counter.FlopCounterMode: matmuls and convolutions)
+/ step time / the matmul rate measured in the same run on the same device (a large square
+matmul, measured before and after the models; the median is the denominator).
+
+    python benchmarks/speed_steps.py [--threads 2] [--repeats 15] [--models mlp_mnist,mlp_cifar]
+writes benchmarks/results/speed_steps_{cpu,cuda}.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from speed_common import (MODELS, Stepper, environment, interleaved_times, matmul_rate, median, setup,
+                          write_json)
+
+TARGET_RATIO = 1.2  # CCL step time / backprop step time on the MLP models (paper FLOP ratio 1.07)
+TARGET_MFU = 0.40   # mlp_cifar, batch 256, CPU
+
+
+def bench_model(name: str, device: torch.device, *, batch: int, repeats: int, warmup: int,
+                amp: bool, rate: float) -> dict:
+    steppers = {m: Stepper(name, m, device, batch=batch, amp=amp) for m in ("ccl", "bp")}
+    flops = {m: s.flops() for m, s in steppers.items()}
+    times = interleaved_times({m: s.step for m, s in steppers.items()}, device, warmup=warmup, repeats=repeats)
+    out: dict = {"batch": batch, "input_shape": list(steppers["ccl"].model.input_shape)}
+    for m in ("ccl", "bp"):
+        t = median(times[m])
+        out[m] = {"step_ms_median": 1e3 * t, "step_ms_all": [round(1e3 * v, 3) for v in times[m]],
+                  "samples_per_s": batch / t, "flops_per_step": flops[m], "flops_per_sample": flops[m] / batch,
+                  "achieved_flops_per_s": flops[m] / t, "mfu": flops[m] / t / rate}
+    out["ratio_ccl_over_bp_step_time"] = out["ccl"]["step_ms_median"] / out["bp"]["step_ms_median"]
+    pairs = [c / b for c, b in zip(times["ccl"], times["bp"])]  # each CCL step against the BP step after it
+    out["ratio_ccl_over_bp_paired_median"] = median(pairs)
+    out["ratio_ccl_over_bp_flops"] = flops["ccl"] / flops["bp"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--batch", type=int, default=0, help="override every model's batch (0 = per-model default)")
+    p.add_argument("--amp", choices=("auto", "off", "bf16"), default="auto", help="bf16 autocast; auto = CUDA only")
+    args = p.parse_args()
+    device = setup(args.threads)
+    amp = device.type == "cuda" if args.amp == "auto" else args.amp == "bf16"
+    mm_dtype = torch.bfloat16 if amp else torch.float32
+    rates = [matmul_rate(device, dtype=mm_dtype)]
+    results: dict = {}
+    for name in args.models.split(","):
+        shape, cpu_batch, gpu_batch = MODELS[name]
+        batch = args.batch or (gpu_batch if device.type == "cuda" else cpu_batch)
+        r = bench_model(name, device, batch=batch, repeats=args.repeats, warmup=args.warmup, amp=amp, rate=rates[0])
+        results[name] = r
+        print(f"{name:12s} batch {batch:4d}  CCL {r['ccl']['step_ms_median']:8.2f} ms  BP {r['bp']['step_ms_median']:8.2f} ms"
+              f"  ratio {r['ratio_ccl_over_bp_step_time']:.3f} (paired {r['ratio_ccl_over_bp_paired_median']:.3f})"
+              f"  FLOP ratio {r['ratio_ccl_over_bp_flops']:.3f}  MFU CCL {r['ccl']['mfu']:.1%} BP {r['bp']['mfu']:.1%}",
+              flush=True)
+    rates.append(matmul_rate(device, dtype=mm_dtype))
+    rate = median(rates)
+    for r in results.values():  # MFU against the median of the matmul rates around the models
+        for m in ("ccl", "bp"):
+            r[m]["mfu"] = r[m]["achieved_flops_per_s"] / rate
+    mlps = [n for n in results if n.startswith("mlp_")]
+    targets = {
+        "ccl_over_bp_step_time_mlp_max": max((results[n]["ratio_ccl_over_bp_step_time"] for n in mlps), default=None),
+        "ccl_over_bp_target": TARGET_RATIO,
+    }
+    if "mlp_cifar" in results:
+        targets["mfu_mlp_cifar"] = {m: results["mlp_cifar"][m]["mfu"] for m in ("ccl", "bp")}
+        targets["mfu_target"] = TARGET_MFU
+        targets["mfu_mlp_cifar_batch"] = results["mlp_cifar"]["batch"]
+    payload = {"benchmark": "speed_steps", "env": environment(device, args.threads), "amp": "bf16" if amp else "off",
+               "matmul_rate_flops_per_s": rate, "matmul_rates": rates, "matmul_dtype": str(mm_dtype),
+               "repeats": args.repeats, "warmup": args.warmup, "models": results, "targets": targets}
+    print(f"matmul rate {rate / 1e9:.1f} GFLOP/s ({', '.join(f'{r / 1e9:.1f}' for r in rates)}); targets: {targets}")
+    write_json(f"speed_steps_{device.type}.json", payload)
+
+
+if __name__ == "__main__":
+    main()
