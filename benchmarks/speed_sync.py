@@ -4,6 +4,8 @@ Runs the train loop's per-step work - a shuffled batch gathered on the device, t
 backward, clip + SGD for both networks, loss sums kept on the device - for every method and both
 CCL modes under ``torch.cuda.set_sync_debug_mode("error")``, which raises at the first operation
 that synchronises with the host. The once-per-epoch reads (loss means, validation) are outside.
+Then the real ``train()`` runs 3 epochs under mode "warn" and the synchronisations it makes are
+counted: they must be a handful per epoch (loss read, validation, checkpoint), not one per step.
 
     python benchmarks/speed_sync.py [--steps 50]
 writes benchmarks/results/speed_sync_{cpu,cuda}.json
@@ -12,6 +14,9 @@ writes benchmarks/results/speed_sync_{cpu,cuda}.json
 from __future__ import annotations
 
 import argparse
+import tempfile
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -21,6 +26,7 @@ from ccl_repr.data import augment, batches, load_data, shuffle_order
 from ccl_repr.fastpath import apply as apply_fast_path
 from ccl_repr.methods import Optimizers, make_method
 from ccl_repr.models import build_model
+from ccl_repr.train import train
 
 
 def check(recipe: str, method: str, sets: list[str], device: torch.device, steps: int) -> str:
@@ -56,12 +62,28 @@ def check(recipe: str, method: str, sets: list[str], device: torch.device, steps
         torch.cuda.set_sync_debug_mode("default")
 
 
+def count_train_syncs(epochs: int) -> dict:
+    cfg = make_config("mlp_digits", method="ccl", sets=[f"train.epochs={epochs}", "train.progress=false"])
+    steps = epochs * -(-round(1437 * 0.9) // cfg.train.batch_size)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train(cfg, Path(tmp) / "run", log=lambda m: None)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    return {"epochs": epochs, "steps": steps, "syncs": syncs, "syncs_per_step": syncs / steps,
+            "per_epoch": syncs / epochs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=50)
     args = p.parse_args()
     device = setup(2)
     results: dict = {}
+    counted = None
     if device.type == "cuda":
         for name, (recipe, method, sets) in {
             "ccl_mlp": ("mlp_digits", "ccl", []),
@@ -82,10 +104,14 @@ def main() -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         print(f"{'augment':20s} {results['augment']}")
+        counted = count_train_syncs(3)
+        print(f"train() 3 epochs: {counted['syncs']} syncs in {counted['steps']} steps "
+              f"({counted['per_epoch']:.1f} per epoch)")
     else:
         print("CPU: host and device are the same; nothing to check")
     write_json(f"speed_sync_{device.type}.json", {"benchmark": "speed_sync", "env": environment(device, 2),
                                                   "steps": args.steps, "results": results,
+                                                  "train_loop": counted,
                                                   "met": all(v.startswith("ok") for v in results.values())})
 
 
