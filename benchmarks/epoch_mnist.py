@@ -98,6 +98,7 @@ def compute_and_data(cfg, device: torch.device) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="", help="suffix of the JSON's name, e.g. _t1")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--run-epochs", type=int, default=0, help="also time one full CCL train() run of N epochs")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra config override")
@@ -126,7 +127,7 @@ def main() -> None:
         results["ccl_full_run"] = {"epochs": args.run_epochs, **run}
         print(f"CCL {args.run_epochs}-epoch run: train_seconds {run['train_seconds']:.1f} s, whole train() "
               f"{run['run_wall']:.1f} s, test accuracy {run['test_accuracy']}")
-    write_json(f"epoch_mnist_{device.type}.json", {
+    write_json(f"epoch_mnist_{device.type}{args.tag}.json", {
         "benchmark": "epoch_mnist", "env": environment(device, args.threads), "sets": args.sets,
         "results": results, "target_loop_over_compute_max": TARGET,
         "met": all(results[m]["loop_over_compute"] <= TARGET for m in ("ccl", "bp"))})

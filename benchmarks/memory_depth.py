@@ -26,6 +26,7 @@ VARIANTS = {"bp": ("bp", False), "ccl_summed": ("ccl", False), "ccl_layerwise": 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="", help="suffix of the JSON's name, e.g. _t1")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--depths", default="4,8,16,32")
@@ -50,7 +51,7 @@ def main() -> None:
                   "total_peak": r[hi]["total_peak_bytes"] / r[lo]["total_peak_bytes"]} for v, r in rows.items()}
     for v, g in growth.items():
         print(f"{v:14s} depth {lo} -> {hi}: step peak x{g['step_peak']:.2f}, with params+grads x{g['total_peak']:.2f}")
-    write_json(f"memory_depth_{device.type}.json", {
+    write_json(f"memory_depth_{device.type}{args.tag}.json", {
         "benchmark": "memory_depth", "env": environment(device, args.threads), "batch": args.batch,
         "width": args.width, "depths": depths, "method": "cuda.max_memory_allocated" if device.type == "cuda"
         else "torch.profiler profile_memory allocation events, replayed", "results": rows, "growth": growth,

@@ -41,7 +41,7 @@ MODELS: dict[str, tuple[tuple[int, ...], int, int]] = {
     "cnn": ((3, 32, 32), 32, 128),
     "cnn_strided": ((1, 32, 32), 32, 128),
     "ae_mlp": ((1, 28, 28), 256, 256),
-    "ae_conv": ((3, 96, 96), 4, 32),
+    "ae_conv": ((3, 96, 96), 2, 32),
 }
 # The paper's loss settings per model family (spec §4): prototype form for MLPs, normalised +
 # anti-collapse + flooding for the CNNs, plain MSE pairs for autoencoders.

@@ -25,11 +25,14 @@ TARGET_MFU = 0.40   # mlp_cifar, batch 256, CPU
 
 
 def bench_model(name: str, device: torch.device, *, batch: int, repeats: int, warmup: int,
-                amp: bool, rate: float) -> dict:
+                amp: bool, rate: float, budget: float) -> dict:
     steppers = {m: Stepper(name, m, device, batch=batch, amp=amp) for m in ("ccl", "bp")}
-    flops = {m: s.flops() for m, s in steppers.items()}
+    flops = {m: s.flops() for m, s in steppers.items()}  # also the first (warm-up) step
+    pair = sum(median(t) for t in interleaved_times({m: s.step for m, s in steppers.items()}, device,
+                                                    warmup=0, repeats=1).values())
+    repeats = max(3, min(repeats, int(budget / pair)))  # slow models (CPU convs) get fewer repeats
     times = interleaved_times({m: s.step for m, s in steppers.items()}, device, warmup=warmup, repeats=repeats)
-    out: dict = {"batch": batch, "input_shape": list(steppers["ccl"].model.input_shape)}
+    out: dict = {"batch": batch, "input_shape": list(steppers["ccl"].model.input_shape), "repeats": repeats}
     for m in ("ccl", "bp"):
         t = median(times[m])
         out[m] = {"step_ms_median": 1e3 * t, "step_ms_all": [round(1e3 * v, 3) for v in times[m]],
@@ -45,8 +48,10 @@ def bench_model(name: str, device: torch.device, *, batch: int, repeats: int, wa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="", help="suffix of the JSON's name, e.g. _t1")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--budget", type=float, default=30.0, help="seconds of timed steps per model at most (min 3 repeats)")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--batch", type=int, default=0, help="override every model's batch (0 = per-model default)")
     p.add_argument("--amp", choices=("auto", "off", "bf16"), default="auto", help="bf16 autocast; auto = CUDA only")
@@ -59,9 +64,10 @@ def main() -> None:
     for name in args.models.split(","):
         shape, cpu_batch, gpu_batch = MODELS[name]
         batch = args.batch or (gpu_batch if device.type == "cuda" else cpu_batch)
-        r = bench_model(name, device, batch=batch, repeats=args.repeats, warmup=args.warmup, amp=amp, rate=rates[0])
+        r = bench_model(name, device, batch=batch, repeats=args.repeats, warmup=args.warmup, amp=amp,
+                        rate=rates[0], budget=args.budget)
         results[name] = r
-        print(f"{name:12s} batch {batch:4d}  CCL {r['ccl']['step_ms_median']:8.2f} ms  BP {r['bp']['step_ms_median']:8.2f} ms"
+        print(f"{name:12s} batch {batch:4d} x{r['repeats']:<3d} CCL {r['ccl']['step_ms_median']:8.2f} ms  BP {r['bp']['step_ms_median']:8.2f} ms"
               f"  ratio {r['ratio_ccl_over_bp_step_time']:.3f} (paired {r['ratio_ccl_over_bp_paired_median']:.3f})"
               f"  FLOP ratio {r['ratio_ccl_over_bp_flops']:.3f}  MFU CCL {r['ccl']['mfu']:.1%} BP {r['bp']['mfu']:.1%}",
               flush=True)
@@ -83,7 +89,7 @@ def main() -> None:
                "matmul_rate_flops_per_s": rate, "matmul_rates": rates, "matmul_dtype": str(mm_dtype),
                "repeats": args.repeats, "warmup": args.warmup, "models": results, "targets": targets}
     print(f"matmul rate {rate / 1e9:.1f} GFLOP/s ({', '.join(f'{r / 1e9:.1f}' for r in rates)}); targets: {targets}")
-    write_json(f"speed_steps_{device.type}.json", payload)
+    write_json(f"speed_steps_{device.type}{args.tag}.json", payload)
 
 
 if __name__ == "__main__":
