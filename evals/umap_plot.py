@@ -7,9 +7,10 @@ the class prototypes. Both are embedded by *one* UMAP fit, so their positions ar
 
 Defaults: n_neighbors 15, min_dist 0.1, metric "cosine" (forward and feedback activations differ
 in scale; CCL's layer loss compares their directions), random_state 0, at most 10000 test
-points (the first ones). With a random_state umap-learn runs single-threaded and is
-reproducible. The parameters, seed, point counts, versions and time are written beside the
-plot as JSON (same stem). Heavy imports (umap, matplotlib with the Agg backend) are lazy.
+points and 2000 per-sample feedback points (the first ones). With a random_state umap-learn
+runs single-threaded and is reproducible. The parameters, seed, point counts, versions and time
+are written beside the plot as JSON (same stem). Heavy imports (umap, matplotlib with the Agg
+backend) are lazy.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class UMAPConfig:
     metric: str = "cosine"
     seed: int = 0
     max_points: int = 10000
+    max_feedback_points: int = 2000  # per-sample feedback features (autoencoders): the first ones
     n_epochs: int | None = None  # umap-learn's default: 500 below 10k points, else 200
 
 
@@ -69,7 +71,7 @@ def umap_plot(feats, labels, out_png: Path | str, *, feedback_feats=None, feedba
     x, y = _np(feats)[: config.max_points], np.asarray(labels)[: config.max_points]
     parts = [x]
     if feedback_feats is not None:
-        fb = _np(feedback_feats)[: config.max_points]
+        fb = _np(feedback_feats)[: config.max_feedback_points]
         fb_y = np.asarray(feedback_labels)[: len(fb)] if feedback_labels is not None else np.arange(len(fb))
         if fb.shape[1] != x.shape[1]:
             raise EvalError(f"feedback features have {fb.shape[1]} dims, forward features {x.shape[1]}; "
