@@ -32,6 +32,7 @@ from speed_common import SHARED_DATASETS, environment, median, setup, sync, writ
 from ccl_repr import checkpoint as ckpt
 from ccl_repr.config import make_config
 from ccl_repr.data import batches, load_data, shuffle_order
+from ccl_repr.fastpath import apply as apply_fast_path
 from ccl_repr.methods import Optimizers, make_method
 from ccl_repr.models import build_model
 from ccl_repr.train import train
@@ -70,6 +71,7 @@ def compute_and_data(cfg, device: torch.device) -> dict:
     model = build_model(cfg.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes).to(device)
     method = make_method(cfg)
     method.prepare(model)
+    apply_fast_path(model, method, cfg.train, device, bundle)  # as train() does (bf16 autocast on CUDA)
     optim = Optimizers(model, cfg.optim, total_steps=10 ** 6)
     bs, n = cfg.train.batch_size, len(bundle.train)
     sizes = [min(bs, n - i) for i in range(0, n, bs)]
