@@ -77,6 +77,48 @@ class Clock:
         return out
 
 
+def markdown(record: dict) -> str:
+    """The tables of docs/results_evals.md from the JSON record."""
+    pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = []
+    for kind in ("mlp_mnist", "ae_mnist"):
+        if kind not in record:
+            continue
+        r = record[kind]
+        s = r.get("run_summary") or {}
+        head = f"test accuracy {pct(s['test_accuracy'])} %" if "test_accuracy" in s else \
+            f"test MSE {s.get('test_mse', float('nan')):.4f}"
+        lines += [f"### {kind} (CCL, {s.get('epochs')} epochs, {head}; evaluation {r['seconds']:.0f} s)", "",
+                  "| network/layer | dim | linear probe % | kNN top-1 % | kNN top-5 % | PCA same dim: probe / kNN "
+                  "| random init: probe / kNN |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, row in r["layers"].items():
+            b = row["baselines"]
+            two = lambda k: f"{pct(b[k]['linear_probe_accuracy'])} / {pct(b[k]['knn_accuracy'])}" if k in b else "–"  # noqa: E731
+            lines.append(f"| {name} | {row['dim']} | {pct(row['linear_probe_accuracy'])} | {pct(row['knn_accuracy'])} "
+                         f"| {pct(row['knn_top5'])} | {two('pca')} | {two('random_init')} |")
+        px = r["baselines"].get("pixels", {})
+        lines += ["", f"Raw pixels ({px.get('dim')} dims): linear probe {pct(px.get('linear_probe_accuracy'))} %, "
+                      f"kNN {pct(px.get('knn_accuracy'))} %.", ""]
+        al = r.get("alignment")
+        if al:
+            lines += ["| layer | cos(U, V^T) | at init | angle CCL vs BP ° | at init ° |", "|---|---:|---:|---:|---:|"]
+            for name, v in al["weight_alignment"].items():
+                lines.append(f"| {name} | {v:.3f} | {al['weight_alignment_random_init'][name]:.3f} | "
+                             f"{al['update_angle_degrees'][name]:.1f} | {al['update_angle_degrees_random_init'][name]:.1f} |")
+            lines.append("")
+    sp = record.get("speed")
+    if sp:
+        k, u, w = sp["knn"], sp["umap"], sp["umap_jit_warmup"]
+        lines += ["| measurement | wall s | process CPU s | 1-min load average | target (wall) |", "|---|---:|---:|---:|---:|",
+                  f"| kNN {sp['test'][0]} x {sp['bank'][0]}, width {sp['bank'][1]}, k={sp['knn_protocol']['k']} | "
+                  f"{k['wall_seconds']:.1f} | {k['cpu_seconds']:.1f} | {k['load_average_1min']:.1f} | 10 |",
+                  f"| UMAP {sp['umap_points']} points (after JIT warm-up) | {u['wall_seconds']:.1f} | "
+                  f"{u['cpu_seconds']:.1f} | {u['load_average_1min']:.1f} | 60 |",
+                  f"| UMAP JIT warm-up (300 points, first call in a process) | {w['wall_seconds']:.1f} | "
+                  f"{w['cpu_seconds']:.1f} | {w['load_average_1min']:.1f} | – |", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mlp-run", help="run folder of a CCL mlp_mnist run")
@@ -86,13 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--speed-only", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="only print the Markdown tables of --out")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(ckpt.read_json(Path(args.out))))
+        return 0
     torch.set_num_threads(args.threads)
     out_json = Path(args.out)
     record: dict = ckpt.read_json(out_json) if out_json.exists() else {}
     record["machine"] = {"cpus": torch.get_num_threads(), "platform": platform.platform(),
                          "python": sys.version.split()[0], "versions": ckpt.versions()}
-    record["command"] = " ".join(["python", "benchmarks/evals_mnist.py", *(argv or sys.argv[1:])])
+    command = " ".join(["python", "benchmarks/evals_mnist.py", *(argv or sys.argv[1:])])
+    record["commands"] = [c for c in record.get("commands", [record.get("command")]) if c] + [command]
+    record.pop("command", None)
     work = ROOT / "out"
     if not args.speed_only:
         for kind, run in (("mlp_mnist", args.mlp_run), ("ae_mnist", args.ae_run)):
