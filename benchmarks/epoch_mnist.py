@@ -103,6 +103,8 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the JSON's name, e.g. _t1")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--run-epochs", type=int, default=0, help="also time one full CCL train() run of N epochs")
+    p.add_argument("--run-compiled", action="store_true",
+                   help="also time the N-epoch run with train.compile (inductor, reduce-overhead: CUDA graphs)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra config override")
     args = p.parse_args()
     device = setup(args.threads)
@@ -128,7 +130,13 @@ def main() -> None:
         run = timed_train(config("ccl", args.run_epochs, args.threads, args.sets), device)
         results["ccl_full_run"] = {"epochs": args.run_epochs, **run}
         print(f"CCL {args.run_epochs}-epoch run: train_seconds {run['train_seconds']:.1f} s, whole train() "
-              f"{run['run_wall']:.1f} s, test accuracy {run['test_accuracy']}")
+              f"{run['run_wall']:.1f} s, test accuracy {run['test_accuracy']}", flush=True)
+    if args.run_epochs and args.run_compiled:
+        sets = [*args.sets, "train.compile=true", "train.compile_mode=reduce-overhead"]
+        run = timed_train(config("ccl", args.run_epochs, args.threads, sets), device)
+        results["ccl_full_run_compiled"] = {"epochs": args.run_epochs, "sets": sets, **run}
+        print(f"CCL {args.run_epochs}-epoch run, compiled: train_seconds {run['train_seconds']:.1f} s (compilation "
+              f"included), whole train() {run['run_wall']:.1f} s, test accuracy {run['test_accuracy']}")
     write_json(f"epoch_mnist_{device.type}{args.tag}.json", {
         "benchmark": "epoch_mnist", "env": environment(device, args.threads), "sets": args.sets,
         "results": results, "target_loop_over_compute_max": TARGET,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The speed suite on one GPU, in under 8 minutes; every script writes its JSON to benchmarks/results/
 # (speed_steps_cuda.json, memory_depth_cuda.json, speed_sync_cuda.json, epoch_mnist_cuda.json,
-# the last with the 100-epoch CCL mlp_mnist run: target <= 30 s).
+# the last with the 100-epoch CCL mlp_mnist run, eager and as CUDA graphs: target <= 30 s).
 #   bash benchmarks/gpu.sh            (from anywhere; MNIST is read from ../shared/datasets)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,6 @@ timeout 60 python benchmarks/memory_depth.py --threads 4
 step "no host sync per step"
 timeout 60 python benchmarks/speed_sync.py
 step "mlp_mnist epoch split + 100-epoch CCL run"
-timeout 200 python benchmarks/epoch_mnist.py --threads 4 --repeats 2 --run-epochs 100
+timeout 300 python benchmarks/epoch_mnist.py --threads 4 --repeats 2 --run-epochs 100 --run-compiled
 step "done"
 ls -l benchmarks/results/*_cuda.json

@@ -104,6 +104,8 @@ class TrainConfig:
     layerwise: bool = _opt(False, doc="CCL only: backpropagate each pair loss as soon as it exists (memory flat in depth)")
     compile: bool = _opt(False, doc="torch.compile the loss computation (summed step only)")
     compile_backend: str = _opt("inductor", choices=("inductor", "aot_eager", "eager"))
+    compile_mode: str = _opt("default", choices=("default", "reduce-overhead", "max-autotune"),
+                             doc="inductor mode; reduce-overhead = CUDA graphs (GPU runs bound by launch overhead)")
     amp: str = _opt("auto", choices=("auto", "off", "bf16"), doc="bf16 autocast; auto = on for CUDA only")
     channels_last: str = _opt("auto", choices=("auto", "off", "on"), doc="channels-last conv layout; auto = CUDA + conv models")
 

@@ -8,7 +8,9 @@ reads losses once per epoch (no host synchronisation per step). What is left is 
   ``auto`` turns it on for CUDA only, where bf16 tensor cores pay; on CPU it is opt-in.
 - ``train.channels_last``: NHWC layout for conv models (cuDNN's fast path); ``auto`` = CUDA.
 - ``train.compile``: ``torch.compile`` of the loss computation (forward + its backward through
-  AOTAutograd). The layer-wise CCL step calls backward inside the step, so it is not compiled.
+  AOTAutograd); ``train.compile_mode=reduce-overhead`` replays it as CUDA graphs, for GPU runs
+  whose small steps are bound by launch overhead. The layer-wise CCL step calls backward inside
+  the step, so it is not compiled.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def apply(model: nn.Module, method, cfg: TrainConfig, device: torch.device,
         if getattr(method, "layerwise", False):
             raise ConfigError("train.compile compiles the summed loss; the layer-wise step backpropagates "
                               "inside the step. Set train.layerwise=false or train.compile=false")
-        method.losses = torch.compile(method.losses, backend=cfg.compile_backend)
+        mode = cfg.compile_mode if cfg.compile_backend == "inductor" and cfg.compile_mode != "default" else None
+        method.losses = torch.compile(method.losses, backend=cfg.compile_backend, mode=mode)
     return {"amp": "bf16" if amp else "off", "channels_last": channels_last,
-            "compile": cfg.compile_backend if cfg.compile else "off"}
+            "compile": f"{cfg.compile_backend}/{cfg.compile_mode}" if cfg.compile else "off"}
