@@ -12,12 +12,12 @@ start=$SECONDS
 step() { echo "== $* ($((SECONDS - start)) s)"; }
 
 step "step time, samples/s, FLOPs, MFU per model (bf16 autocast)"
-timeout 150 python benchmarks/speed_steps.py --threads 4 --repeats 20
+timeout 120 python benchmarks/speed_steps.py --threads 4 --repeats 20
 step "peak step memory vs depth"
-timeout 60 python benchmarks/memory_depth.py --threads 4
+timeout 45 python benchmarks/memory_depth.py --threads 4
 step "no host sync per step"
-timeout 60 python benchmarks/speed_sync.py
+timeout 45 python benchmarks/speed_sync.py
 step "mlp_mnist epoch split + 100-epoch CCL run"
-timeout 300 python benchmarks/epoch_mnist.py --threads 4 --repeats 2 --run-epochs 100 --run-compiled
+timeout 260 python benchmarks/epoch_mnist.py --threads 4 --repeats 2 --run-epochs 100 --run-compiled
 step "done"
 ls -l benchmarks/results/*_cuda.json
