@@ -109,6 +109,13 @@ def main() -> None:
     args = p.parse_args()
     device = setup(args.threads)
     results: dict = {}
+
+    def save() -> None:  # after every phase, so that a timeout keeps what was measured
+        write_json(f"epoch_mnist_{device.type}{args.tag}.json", {
+            "benchmark": "epoch_mnist", "env": environment(device, args.threads), "sets": args.sets,
+            "results": results, "target_loop_over_compute_max": TARGET,
+            "met": all(results[m]["loop_over_compute"] <= TARGET for m in ("ccl", "bp"))})
+
     for method in ("ccl", "bp"):
         reps = []
         for r in range(args.repeats):
@@ -126,22 +133,21 @@ def main() -> None:
         print(f"{method}: epoch loop {med['loop']:.2f} s, full {med['full']:.2f} s, compute {med['compute']:.2f} s, "
               f"data {med['data']:.3f} s; loop/compute {results[method]['loop_over_compute']:.3f}, "
               f"full/compute {results[method]['full_over_compute']:.3f}", flush=True)
+    save()
+    print(json.dumps({m: round(results[m]["loop_over_compute"], 3) for m in ("ccl", "bp")}))
     if args.run_epochs:
         run = timed_train(config("ccl", args.run_epochs, args.threads, args.sets), device)
         results["ccl_full_run"] = {"epochs": args.run_epochs, **run}
         print(f"CCL {args.run_epochs}-epoch run: train_seconds {run['train_seconds']:.1f} s, whole train() "
               f"{run['run_wall']:.1f} s, test accuracy {run['test_accuracy']}", flush=True)
+        save()
     if args.run_epochs and args.run_compiled:
         sets = [*args.sets, "train.compile=true", "train.compile_mode=reduce-overhead"]
         run = timed_train(config("ccl", args.run_epochs, args.threads, sets), device)
         results["ccl_full_run_compiled"] = {"epochs": args.run_epochs, "sets": sets, **run}
         print(f"CCL {args.run_epochs}-epoch run, compiled: train_seconds {run['train_seconds']:.1f} s (compilation "
               f"included), whole train() {run['run_wall']:.1f} s, test accuracy {run['test_accuracy']}")
-    write_json(f"epoch_mnist_{device.type}{args.tag}.json", {
-        "benchmark": "epoch_mnist", "env": environment(device, args.threads), "sets": args.sets,
-        "results": results, "target_loop_over_compute_max": TARGET,
-        "met": all(results[m]["loop_over_compute"] <= TARGET for m in ("ccl", "bp"))})
-    print(json.dumps({m: round(results[m]["loop_over_compute"], 3) for m in ("ccl", "bp")}))
+        save()
 
 
 if __name__ == "__main__":
