@@ -49,6 +49,7 @@ def _diagnostics_hooks(args: argparse.Namespace) -> list:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import checkpoint as ckpt
     from .config import config_from_dict, make_config
+    from .errors import CheckpointError, ConfigError
     from .train import train
 
     if args.resume:
@@ -64,7 +65,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = Path(args.resume)
         if not run.is_dir():
             raise _usage(f"--resume {run}: no such run folder; pass the --out folder of an earlier run")
-        cfg = config_from_dict(ckpt.read_json(run / ckpt.CONFIG))
+        try:
+            cfg = config_from_dict(ckpt.read_json(run / ckpt.CONFIG))
+        except ConfigError as e:  # an edited config.json: say which file is wrong
+            raise CheckpointError(f"{run / ckpt.CONFIG}: {e}; restore the run's original config.json") from None
         if args.no_progress:
             cfg.train.progress = False
         summary = train(cfg, run, resume=True, log=lambda m: print(m, file=sys.stderr),

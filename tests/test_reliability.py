@@ -124,7 +124,7 @@ def ws(tmp_path_factory, threads) -> Path:
     done = ws / "done"
     assert main(["train", "mlp_digits", "--epochs", "2", "--no-progress", "--set", "train.num_threads=1",
                  "--out", str(done)]) == 0
-    for name in ("resumable", "trunc", "rand", "evil", "flip", "edited", "nockpt"):
+    for name in ("resumable", "trunc", "rand", "evil", "flip", "edited", "invalid", "nockpt"):
         shutil.copytree(done, ws / name)
         (ws / name / "summary.json").unlink()  # as if killed before the end
     ck = "checkpoint.pt"
@@ -136,6 +136,8 @@ def ws(tmp_path_factory, threads) -> Path:
     config = json.loads((ws / "edited" / "config.json").read_text())
     config["optim"]["forward"]["lr"] = 0.1
     (ws / "edited" / "config.json").write_text(json.dumps(config))
+    config["optim"]["forward"]["lr"] = -1
+    (ws / "invalid" / "config.json").write_text(json.dumps(config))
     (ws / "nockpt" / ck).unlink()
     (ws / "afile").write_text("not a folder")
     (ws / "notrun").mkdir()
@@ -197,6 +199,7 @@ BAD_INPUTS = [
     ("resume-tampered-pickle", "train --resume {ws}/evil", "refused without running it"),
     ("resume-flipped-byte", "train --resume {ws}/flip", "fails its CRC check"),
     ("resume-config-mismatch", "train --resume {ws}/edited", "optim.forward.lr: 0.5 in the checkpoint, 0.1 now"),
+    ("resume-config-invalid", "train --resume {ws}/invalid", "restore the run's original config.json"),
 ] + ([("cuda-unavailable", "train mlp_digits --device cuda --out {new}", "use --device auto or cpu")]
      if NO_CUDA else [])
 
