@@ -132,6 +132,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train a CCL autoencoder on the bundled digits (no download) and report")
+    p.add_argument("--out", help="output folder (default: runs/demo-TIME)")
+    p.add_argument("--epochs", type=int, help="override the ae_digits recipe's epochs")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--bp", action="store_true", help="also train backprop on the same architecture")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default (issue 3): recipe ae_digits, then reconstruction MSE and, through
+    the evals protocols, linear-probe and kNN accuracy of the bottleneck against raw pixels."""
+    from .config import make_config
+    from .train import train
+
+    started = time.perf_counter()
+    out = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    over = {"seed": args.seed, "train": {"progress": False, **({"epochs": args.epochs} if args.epochs else {})}}
+    runs, mse = {}, {}
+    for method in ("ccl", "bp") if args.bp else ("ccl",):
+        cfg = make_config("ae_digits", method=method, overrides=over)
+        print(f"training {method} {cfg.model.name} on the bundled digits, {cfg.train.epochs} epochs ...", file=sys.stderr)
+        runs[method.upper()] = out / method
+        mse[method.upper()] = train(cfg, out / method, log=lambda m: print(m, file=sys.stderr))["test_mse"]
+    probes = _demo_probes(runs)
+    print(f"{'representation':28s} {'test MSE [0,1] px':>18s} {'linear probe':>13s} {'kNN':>7s}")
+    for label, row in probes.items():
+        err = next((f"{v:.4f}" for k, v in mse.items() if label.startswith(k)), "-")
+        print(f"{label:28s} {err:>18s} {row['linear probe']:>12.1%} {row['kNN']:>7.1%}")
+    print(f"(reconstruction MSE on the 360 test digits; probes: test accuracy, evals defaults)\n"
+          f"outputs in {out}/: {' and '.join(f'{p.name}/' for p in runs.values())} each hold reconstructions.png, "
+          f"training_curves.png, summary.json and the model; {time.perf_counter() - started:.0f} s in all")
+    return 0
+
+
+def _demo_probes(runs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Linear-probe and kNN test accuracy of each run's forward bottleneck and of raw pixels."""
+    from evals.features import extract, open_run
+    from evals.knn import knn_accuracy
+    from evals.linear_probe import probe
+
+    rows: dict[str, dict[str, float]] = {}
+    for name, run_dir in runs.items():
+        run = open_run(run_dir)
+        k = run.model.feature_index
+        splits = [(extract(run.model, s.x, layers=[k])[k], s.y) for s in (run.data.train, run.data.val, run.data.test)]
+        rows[f"{name} bottleneck ({splits[0][0].shape[1]}-d)"] = _probe_row(splits, probe, knn_accuracy)
+    pixels = [(s.x.flatten(1), s.y) for s in (run.data.train, run.data.val, run.data.test)]
+    rows[f"raw pixels ({pixels[0][0].shape[1]}-d)"] = _probe_row(pixels, probe, knn_accuracy)
+    return rows
+
+
+def _probe_row(splits, probe, knn_accuracy) -> dict[str, float]:
+    (xtr, ytr), (xva, yva), (xte, yte) = splits
+    return {"linear probe": probe(xtr, ytr, xte, yte, val_feats=xva, val_y=yva)["test_accuracy"],
+            "kNN": knn_accuracy(xtr, ytr, xte, yte)["top1"]}
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import list_models
     for name, desc in list_models().items():
@@ -156,12 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_eval(sub)
+    _add_demo(sub)
     sub.add_parser("models", help="list the model registry")
     sub.add_parser("recipes", help="list the bundled recipes")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "recipes": cmd_recipes}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "models": cmd_models, "recipes": cmd_recipes}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,165 @@
+"""Autoencoders (spec §3, issue 3): shapes of both networks, bottleneck interface, published init,
+size errors, gradient locality, overfitting a small batch with CCL and backprop, and the demo."""
+import copy
+import json
+
+import pytest
+import torch
+
+from ccl_repr.cli import main
+from ccl_repr.config import ModelConfig, make_config
+from ccl_repr.data import pad_to
+from ccl_repr.errors import ShapeError
+from ccl_repr.methods import Optimizers, make_method
+from ccl_repr.models import build_model, list_models
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models: one thread is fastest, and much faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+AE = dict(act_forward="relu", act_feedback="relu", bias=True, norm="post", init="orthogonal")
+# (model, per-sample input shape, encoder widths, original size padded by data.pad_to)
+CASES = [
+    ("ae_conv", (1, 8, 8), [4, 8, 16], None),
+    ("ae_conv", (1, 32, 32), [4, 8, 8, 16], 28),
+    ("ae_conv", (3, 32, 32), [4, 8, 8, 16], None),
+    ("ae_mlp", (1, 8, 8), [32, 8], None),
+    ("ae_mlp", (1, 28, 28), [64, 32, 16], None),
+    ("ae_mlp", (3, 32, 32), [64, 16], None),
+]
+
+
+def ae(name: str, shape: tuple, widths: list[int], **kw):
+    return build_model(ModelConfig(name=name, widths=widths, **{**AE, **kw}), input_shape=shape, num_classes=10)
+
+
+def test_autoencoders_are_registered():
+    assert {"ae_conv", "ae_mlp"} <= set(list_models())
+
+
+@pytest.mark.parametrize("name,shape,widths,padded_from", CASES)
+def test_shapes_in_both_networks(name, shape, widths, padded_from):
+    model = ae(name, shape, widths)
+    x = torch.rand(3, *shape)
+    if padded_from:  # 28x28 images reach the model through data.pad_to
+        x = pad_to(torch.rand(3, shape[0], padded_from, padded_from), shape[1])
+    a = model.forward_intermediates(x)
+    b = model.feedback_intermediates(model.feedback_input(x))
+    assert model.task == "reconstruct" and len(a) == len(b) == len(model.layer_names) == len(model.layers) + 1
+    for l, (al, bl) in enumerate(zip(a, b)):
+        assert al.shape == bl.shape == (3, *model.shapes[l])
+    assert a[-1].shape == x.shape and b[-1] is x and b[0].shape == x.shape
+    # every boundary is a pair, the reconstruction (output) pair included
+    assert model.pair_indices(include_output=True) == list(range(len(model.layers) + 1))
+    # the bottleneck: forward features of F, and the middle of G through the same interface
+    k = model.feature_index
+    assert k == len(widths) and model.layer_names[k] != "output"
+    assert model.shapes[k][0] == widths[-1] and model.num_features == min(model.feature_dims[1:])
+    assert torch.allclose(model.forward_features(x), a[k].flatten(1))
+    middle = model.intermediates(x, network="feedback")[k]
+    assert middle.flatten(1).shape == (3, model.num_features)
+
+
+def test_paper_widths_by_default():
+    model = build_model(ModelConfig(name="ae_conv"), input_shape=(3, 32, 32), num_classes=10)
+    assert [s[0] for s in model.shapes] == [3, 128, 256, 1024, 2048, 1024, 256, 128, 3]
+    assert model.shapes[model.feature_index] == (2048, 2, 2)
+
+
+def test_sizes_that_do_not_fit_name_sizes_that_do():
+    with pytest.raises(ShapeError, match=r"divisible by 16.*data.pad_to=32.*at most 2 encoder widths"):
+        ae("ae_conv", (1, 28, 28), [4, 8, 8, 16])
+    with pytest.raises(ShapeError, match="image inputs"):
+        ae("ae_mlp", (64,), [8])
+    ae("ae_conv", (1, 28, 28), [4, 8])  # 28 = 4 * 7: two stride-2 layers fit
+
+
+def test_published_init_and_batch_norm_placement():
+    model = ae("ae_conv", (1, 16, 16), [4, 8, 16])
+    n_enc, layers = model.feature_index, model.layers
+    u_out, v_bottom = layers[-1].projections()[0], layers[0].projections()[1]
+    assert u_out.weight.abs().max() == 0 and v_bottom.weight.abs().max() == 0  # outermost: zero
+    for layer in layers[n_enc:-1]:  # decoder forward weights x0.001
+        assert 0 < layer.fwd.proj.weight.abs().max() < 0.01
+    for layer in layers[1:n_enc]:  # encoder feedback weights x0.001
+        assert 0 < layer.fbk.proj.weight.abs().max() < 0.01
+    assert layers[0].fwd.proj.weight.abs().max() > 0.05  # the rest: orthogonal, unscaled
+    assert all(float(layer.fwd.proj.bias.abs().max()) == 0 for layer in layers)
+    assert isinstance(layers[-1].fwd.post_norm, torch.nn.Identity)  # no norm on x̂ ...
+    assert isinstance(layers[0].fbk.post_norm, torch.nn.Identity)  # ... nor on b_0
+    assert isinstance(layers[n_enc - 1].fwd.post_norm, torch.nn.BatchNorm2d)
+
+
+def _grads(model, method, x):
+    model.zero_grad(set_to_none=True)
+    sum(method.losses(model, x, None).values()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name,shape,widths", [("ae_conv", (1, 16, 16), [4, 8, 16]), ("ae_mlp", (1, 8, 8), [16, 8])])
+def test_ccl_gradient_locality(name, shape, widths):
+    """Spec §3: U_l's CCL gradient depends on a_{l-1} and b_l only, not on forward weights above."""
+    torch.manual_seed(0)
+    cfg = make_config("ae_digits", method="ccl")
+    model, x = ae(name, shape, widths), torch.rand(8, *shape)
+    ccl = make_method(cfg)
+    ccl.prepare(model)
+    before = _grads(model, ccl, x)
+    for l in range(len(model.layers) - 1):
+        changed = copy.deepcopy(model)
+        with torch.no_grad():
+            for layer in changed.layers[l + 1:]:
+                for p in layer.forward_parameters():
+                    p.add_(torch.randn_like(p))
+        key = f"layers.{l}.fwd.proj.weight"
+        assert torch.allclose(before[key], _grads(changed, ccl, x)[key], atol=1e-6), f"{key} saw upper layers"
+    bp = make_method(make_config("ae_digits", method="bp"))
+    bp.prepare(model)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.layers[-1].fwd.proj.weight.add_(1.0)
+    assert not torch.allclose(_grads(model, bp, x)["layers.0.fwd.proj.weight"],
+                              _grads(changed, bp, x)["layers.0.fwd.proj.weight"])  # control: BP is global
+
+
+@pytest.mark.parametrize("method", ["ccl", "bp"])
+def test_each_method_overfits_a_small_batch(method, digits_batch):
+    torch.manual_seed(0)
+    cfg = make_config("ae_digits", method=method, sets=["model.widths=[8,16,32]"])
+    model = build_model(cfg.model, input_shape=(1, 8, 8), num_classes=10)
+    rule = make_method(cfg)
+    rule.prepare(model)
+    optim = Optimizers(model, cfg.optim, total_steps=150)
+
+    def mse() -> float:
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model(digits_batch), digits_batch).item()
+
+    start = mse()
+    for _ in range(150):
+        optim.step(sum(rule.losses(model, digits_batch, None).values()))
+    assert mse() < 0.5 * start, f"{method}: reconstruction MSE {start:.4f} -> {mse():.4f}"
+
+
+@pytest.fixture(scope="module")
+def digits_batch() -> torch.Tensor:
+    from ccl_repr.config import DataConfig
+    from ccl_repr.data import load_data
+    return load_data(DataConfig(name="digits", normalize=False)).train.x[:64]
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--epochs", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "reconstruction MSE" in printed.out and str(out) in printed.out
+    summary = json.loads((out / "ccl" / "summary.json").read_text())
+    assert summary["method"] == "ccl" and 0 < summary["test_mse"] < 1
+    for name in summary["figures"]:
+        assert (out / "ccl" / name).stat().st_size > 1000
+    assert {"reconstructions.png", "training_curves.png"} <= set(summary["figures"])
