@@ -33,6 +33,8 @@ from ccl_repr.methods import CCL, Backprop
 from ccl_repr.models import DualNetwork
 
 from . import EvalError
+from .cka import linear_cka
+from .features import extract
 
 EVERY = 100
 
@@ -114,10 +116,12 @@ def update_angles(model: DualNetwork, x: Tensor, y: Tensor, *, method: CCL | Bac
 @dataclass
 class DiagnosticsHook:
     """Training hook (``hook(step=, epoch=, model=, x=, y=, method=)``): every ``every`` steps
-    returns ``{"align/<layer>": cos(U_l, V_l^T), "angle/<layer>": degrees}`` for diagnostics.jsonl."""
+    returns ``{"align/<layer>": cos(U_l, V_l^T), "angle/<layer>": degrees, "cka/<layer>":
+    CKA(a_l, b_l)}`` for diagnostics.jsonl (CKA in eval mode on the step's batch)."""
     every: int = EVERY
     alignment: bool = True
     angles: bool = True
+    cka: bool = True  # linear CKA(a_l, b_l) of each layer pair on the step's batch (evals.cka)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -132,4 +136,9 @@ class DiagnosticsHook:
             record.update({f"align/{k}": v for k, v in weight_alignment(model).items()})
         if self.angles:
             record.update({f"angle/{k}": v for k, v in update_angles(model, x, y, method=method).items()})
+        if self.cka:
+            layers = list(range(1, len(model.layer_names)))
+            a = extract(model, x, layers=layers)
+            b = extract(model, x, y=y, layers=layers, network="feedback")
+            record.update({f"cka/{model.layer_names[i]}": linear_cka(a[i], b[i]) for i in layers})
         return record

@@ -119,9 +119,11 @@ def evaluate_run(run_dir: Path | str, *, out_dir: Path | str | None = None, data
             result["umap"] = [_umap(run, spec, config, out, log) for spec in config.umap_layers]
         if "cka" in config.protocols:
             log("cka")
-            models = {"random init": random_model, f"{config.weights} weights": model}
-            if config.weights == "tested" and (Path(run_dir) / ckpt.CHECKPOINT).exists():
-                models["last epoch"] = ckpt.load_run(Path(run_dir), weights="last")[1].to(_device(config.device))
+            tested, last = _epoch(run_dir, ckpt.MODEL), _epoch(run_dir, ckpt.CHECKPOINT)
+            label = {"tested": f"best validation epoch {tested}", "last": f"last epoch {last}"}[config.weights]
+            models = {"random init": random_model, label: model}
+            if config.weights == "tested" and last is not None and last != tested:
+                models[f"last epoch {last}"] = ckpt.load_run(Path(run_dir), weights="last")[1].to(_device(config.device))
             result["cka"] = run_cka(models, run.data.test.x, run.data.test.y, out, max_samples=config.cka_samples)
         if "align" in config.protocols:
             log("alignment")
@@ -129,6 +131,12 @@ def evaluate_run(run_dir: Path | str, *, out_dir: Path | str | None = None, data
     result["seconds"] = time.perf_counter() - t_start
     write_report(result, out)
     return result
+
+
+def _epoch(run_dir: Path | str, name: str) -> int | None:
+    """The epoch a checkpoint file of the run holds (None if absent)."""
+    path = Path(run_dir) / name
+    return ckpt.load_checkpoint(path).get("epoch") if path.exists() else None
 
 
 def _score_layers(run, random_model: DualNetwork, config: EvalConfig, result: dict, log) -> None:

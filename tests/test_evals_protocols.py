@@ -132,4 +132,5 @@ def test_update_angles_and_training_hook_leave_model_unchanged():
     hook = DiagnosticsHook(every=3)
     assert hook(step=2, epoch=1, model=model, x=x, y=y, method=ccl) is None
     record = hook(step=3, epoch=1, model=model, x=x, y=y, method=ccl)
-    assert {"align/linear1", "angle/linear1"} <= set(record)
+    assert {"align/linear1", "angle/linear1", "cka/linear1", "cka/output"} <= set(record)
+    assert all(0 <= record[f"cka/{n}"] <= 1 + 1e-9 for n in ("linear1", "linear2", "output"))
