@@ -105,8 +105,10 @@ def markdown(record: dict) -> str:
         if al:
             lines += ["| layer | cos(U, V^T) | at init | angle CCL vs BP ° | at init ° |", "|---|---:|---:|---:|---:|"]
             for name, v in al["weight_alignment"].items():
-                lines.append(f"| {name} | {v:.3f} | {al['weight_alignment_random_init'][name]:.3f} | "
-                             f"{al['update_angle_degrees'][name]:.1f} | {al['update_angle_degrees_random_init'][name]:.1f} |")
+                num = lambda v, d: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+                lines.append(f"| {name} | {v:.3f} | {num(al['weight_alignment_random_init'][name], 3)} | "
+                             f"{num(al['update_angle_degrees'][name], 1)} | "
+                             f"{num(al['update_angle_degrees_random_init'][name], 1)} |")
             lines.append("")
     sp = record.get("speed")
     if sp:

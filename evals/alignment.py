@@ -84,7 +84,8 @@ def _forward_grads(model: DualNetwork, loss: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def update_angles(model: DualNetwork, x: Tensor, y: Tensor, *, method: CCL | Backprop | None = None) -> dict[str, float]:
+def update_angles(model: DualNetwork, x: Tensor, y: Tensor, *,
+                  method: CCL | Backprop | None = None) -> dict[str, float | None]:
     """{layer name: angle in degrees between the CCL gradient and the backprop gradient}.
 
     Leaves the model as it found it: detach switches, train/eval mode and batch-norm running
@@ -104,12 +105,13 @@ def update_angles(model: DualNetwork, x: Tensor, y: Tensor, *, method: CCL | Bac
         with torch.no_grad():
             for k, v in model.named_buffers():
                 v.copy_(buffers[k])
-    out = {}
+    out: dict[str, float | None] = {}
     for name, a in g_ccl.items():
         b = g_bp[name]
         denom = (a.norm() * b.norm()).item()
-        cos = (a @ b).item() / denom if denom > 0 else float("nan")
-        out[name] = math.degrees(math.acos(max(-1.0, min(1.0, cos)))) if denom > 0 else float("nan")
+        # No angle when one gradient is zero (e.g. backprop through the published AE init, whose
+        # outermost decoder weights are zero): None, so eval.json stays strict JSON.
+        out[name] = math.degrees(math.acos(max(-1.0, min(1.0, (a @ b).item() / denom)))) if denom > 0 else None
     return out
 
 

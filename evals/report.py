@@ -20,6 +20,10 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
 
 
+def _num(v, digits: int) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
 def _layer_table(layers: dict, title: str) -> list[str]:
     if not layers:
         return []
@@ -78,10 +82,11 @@ def markdown(result: dict) -> str:
                   "| layer | cos(U, V^T) | at random init | angle(CCL update, backprop) ° | at random init ° |",
                   "|---|---:|---:|---:|---:|"]
         for name, v in a["weight_alignment"].items():
-            lines.append(f"| {name} | {v:.3f} | {a['weight_alignment_random_init'].get(name, float('nan')):.3f} | "
-                         f"{a['update_angle_degrees'].get(name, float('nan')):.1f} | "
-                         f"{a['update_angle_degrees_random_init'].get(name, float('nan')):.1f} |")
-        lines.append("")
+            lines.append(f"| {name} | {v:.3f} | {_num(a['weight_alignment_random_init'].get(name), 3)} | "
+                         f"{_num(a['update_angle_degrees'].get(name), 1)} | "
+                         f"{_num(a['update_angle_degrees_random_init'].get(name), 1)} |")
+        lines += ["", "An angle is – where one of the two gradients is zero (backprop at an init whose "
+                  "outermost weights are zero).", ""]
     lines.append(f"Evaluation took {result.get('seconds', 0):.1f} s. Full numbers and protocols: `{EVAL_JSON}`.")
     return "\n".join(lines) + "\n"
 
