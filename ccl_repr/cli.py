@@ -161,7 +161,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         err = next((f"{v:.4f}" for k, v in mse.items() if label.startswith(k)), "-")
         print(f"{label:28s} {err:>18s} {row['linear probe']:>12.1%} {row['kNN']:>7.1%}")
     print(f"(reconstruction MSE on the 360 test digits; probes: test accuracy, evals defaults)\n"
-          f"outputs in {out}/: {' and '.join(f'{p.name}/' for p in runs.values())} each hold reconstructions.png, "
+          f"outputs in {out}/: {' and '.join(f'{p.name}/' for p in runs.values())} "
+          f"{'each hold' if len(runs) > 1 else 'holds'} reconstructions.png, "
           f"training_curves.png, summary.json and the model; {time.perf_counter() - started:.0f} s in all")
     return 0
 

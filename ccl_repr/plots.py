@@ -82,7 +82,7 @@ def save_training_curves(metrics: list[dict], path: Path, *, title: str = "") ->
         ax.plot(epochs, values, label=key.replace("train/", "").replace("pair/", "pair "),
                 linestyle="--" if key.startswith("val/") else "-", marker="." if len(epochs) < 30 else None)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss (mean over the epoch's steps)")
+    ax.set_ylabel("train: mean loss over the epoch; val: MSE")
     if keys and all(row.get(k, 1.0) > 0 for row in metrics for k in keys):
         ax.set_yscale("log")
     ax.legend(fontsize=7, ncol=2)
