@@ -123,7 +123,8 @@ def evaluate_run(run_dir: Path | str, *, out_dir: Path | str | None = None, data
             label = {"tested": f"best validation epoch {tested}", "last": f"last epoch {last}"}[config.weights]
             models = {"random init": random_model, label: model}
             if config.weights == "tested" and last is not None and last != tested:
-                models[f"last epoch {last}"] = ckpt.load_run(Path(run_dir), weights="last")[1].to(_device(config.device))
+                last_model = ckpt.load_run(Path(run_dir), weights="last")[1]
+                models[f"last epoch {last}"] = last_model.to(_device(config.device))
             result["cka"] = run_cka(models, run.data.test.x, run.data.test.y, out, max_samples=config.cka_samples)
         if "align" in config.protocols:
             log("alignment")
