@@ -1,4 +1,4 @@
-"""Command line: ``ccl-repr train | models | recipes``.
+"""Command line: ``ccl-repr train | eval | demo | models | recipes``.
 
 Every expected error (bad recipe, missing dataset, wrong shape, corrupt checkpoint, existing
 run folder) ends as one line on stderr and exit code 2, never a traceback.

@@ -107,11 +107,16 @@ def update_angles(model: DualNetwork, x: Tensor, y: Tensor, *,
                 v.copy_(buffers[k])
     out: dict[str, float | None] = {}
     for name, a in g_ccl.items():
-        b = g_bp[name]
-        denom = (a.norm() * b.norm()).item()
+        a, b = a.double(), g_bp[name].double()
+        na, nb = a.norm(), b.norm()
         # No angle when one gradient is zero (e.g. backprop through the published AE init, whose
         # outermost decoder weights are zero): None, so eval.json stays strict JSON.
-        out[name] = math.degrees(math.acos(max(-1.0, min(1.0, (a @ b).item() / denom)))) if denom > 0 else None
+        if na == 0 or nb == 0:
+            out[name] = None
+            continue
+        # 2·atan2(|â - b̂|, |â + b̂|) in float64: acos of a cosine near 1 loses the small angles.
+        ua, ub = a / na, b / nb
+        out[name] = math.degrees(2 * math.atan2((ua - ub).norm().item(), (ua + ub).norm().item()))
     return out
 
 
