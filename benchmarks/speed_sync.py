@@ -46,7 +46,7 @@ def check(recipe: str, method: str, sets: list[str], device: torch.device, steps
     torch.cuda.set_sync_debug_mode("error")
     try:
         while done < steps:
-            for x, y in batches(bundle.train, 64, order=shuffle_order(bundle.train, gen)):
+            for x, y in batches(bundle.train, 64, order=shuffle_order(bundle.train, gen), augment_with=aug):
                 optim.zero_grad()
                 losses = m.backward(model, x, y)
                 optim.clip_and_step()

@@ -25,6 +25,15 @@ from .data import DataBundle
 from .errors import ConfigError
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but no CUDA device is available; use --device auto or cpu")
+    return torch.device(name)
+
+
 def uses_amp(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.amp == "auto" else cfg.amp == "bf16"
 

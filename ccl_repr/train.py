@@ -21,23 +21,16 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import distributed, fastpath
+from .fastpath import resolve_device
 from .config import Config
 from .data import DataBundle, Split, batches, load_data, shuffle_order
-from .errors import CheckpointError, ConfigError, DivergenceError
+from .errors import CheckpointError, DivergenceError
 from .guard import CHECK_EVERY, DivergenceGuard, Interrupted, StopRequest
 from .methods import Optimizers, make_method
 from .models import DualNetwork, build_model
 
 StepHook = Callable[..., "dict[str, Any] | None"]
 DIAGNOSTICS = ckpt.DIAGNOSTICS
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but no CUDA device is available; use --device auto or cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:

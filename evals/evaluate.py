@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ccl_repr import checkpoint as ckpt
+from ccl_repr.fastpath import resolve_device
 from ccl_repr.methods import CCL
 from ccl_repr.models import DualNetwork
 
@@ -67,14 +68,6 @@ class EvalConfig:
             raise EvalError(f"networks must be auto, forward, feedback or both, got {self.networks!r}")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda requested but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
 def score(feats: Sequence[Tensor], ys: Sequence[Tensor], protocols: Sequence[str], config: EvalConfig) -> dict:
     """Linear probe and kNN on (train, val, test) features; val may be empty."""
     (tr, va, te), (ytr, yva, yte) = feats, ys
@@ -100,7 +93,7 @@ def evaluate_run(run_dir: Path | str, *, out_dir: Path | str | None = None, data
     from threadpoolctl import threadpool_limits
 
     t_start = time.perf_counter()
-    run = open_run(run_dir, weights=config.weights, data_root=data_root, device=_device(config.device))
+    run = open_run(run_dir, weights=config.weights, data_root=data_root, device=resolve_device(config.device))
     model, cfg = run.model, run.cfg
     out = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +117,7 @@ def evaluate_run(run_dir: Path | str, *, out_dir: Path | str | None = None, data
             models = {"random init": random_model, label: model}
             if config.weights == "tested" and last is not None and last != tested:
                 last_model = ckpt.load_run(Path(run_dir), weights="last")[1]
-                models[f"last epoch {last}"] = last_model.to(_device(config.device))
+                models[f"last epoch {last}"] = last_model.to(resolve_device(config.device))
             result["cka"] = run_cka(models, run.data.test.x, run.data.test.y, out, max_samples=config.cka_samples)
         if "align" in config.protocols:
             log("alignment")
