@@ -89,7 +89,7 @@ def test_published_init_and_batch_norm_placement():
     for layer in layers[1:n_enc]:  # encoder feedback weights x0.001
         assert 0 < layer.fbk.proj.weight.abs().max() < 0.01
     assert layers[0].fwd.proj.weight.abs().max() > 0.05  # the rest: orthogonal, unscaled
-    assert all(float(layer.fwd.proj.bias.abs().max()) == 0 for layer in layers)
+    assert all(float(layer.fwd.proj.bias.detach().abs().max()) == 0 for layer in layers)
     assert isinstance(layers[-1].fwd.post_norm, torch.nn.Identity)  # no norm on x̂ ...
     assert isinstance(layers[0].fbk.post_norm, torch.nn.Identity)  # ... nor on b_0
     assert isinstance(layers[n_enc - 1].fwd.post_norm, torch.nn.BatchNorm2d)
