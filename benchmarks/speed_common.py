@@ -107,6 +107,14 @@ class Stepper:
         self.y = torch.randint(0, 10, (batch,), device=device)
         self.batch, self.device = batch, device
 
+    def compile(self, mode: str = "default") -> None:
+        """``torch.compile`` the loss computation exactly as ``train.compile=true`` does (the
+        optimiser step stays eager); the first step after this compiles."""
+        from ccl_repr.config import TrainConfig
+        from ccl_repr.fastpath import apply
+        apply(self.model, self.method, TrainConfig(compile=True, compile_mode=mode, amp="off", channels_last="off"),
+              self.device)
+
     def step(self, *, keep_grads: bool = False) -> None:
         if keep_grads:  # gradient buffers stay allocated (memory benchmark: they are model state)
             self.model.zero_grad(set_to_none=False)

@@ -7,7 +7,7 @@ MFU = FLOPs of the step (torch.utils.flop_counter.FlopCounterMode: matmuls and c
 / step time / the matmul rate measured in the same run on the same device (a large square
 matmul, measured before and after the models; the median is the denominator).
 
-    python benchmarks/speed_steps.py [--threads 2] [--repeats 15] [--models mlp_mnist,mlp_cifar]
+    python benchmarks/speed_steps.py [--threads 2] [--repeats 15] [--models mlp_mnist,mlp_cifar] [--compile default]
 writes benchmarks/results/speed_steps_{cpu,cuda}.json
 """
 
@@ -25,9 +25,13 @@ TARGET_MFU = 0.40   # mlp_cifar, batch 256, CPU
 
 
 def bench_model(name: str, device: torch.device, *, batch: int, repeats: int, warmup: int,
-                amp: bool, rate: float, budget: float) -> dict:
+                amp: bool, rate: float, budget: float, compile_mode: str | None = None) -> dict:
     steppers = {m: Stepper(name, m, device, batch=batch, amp=amp) for m in ("ccl", "bp")}
-    flops = {m: s.flops() for m, s in steppers.items()}  # also the first (warm-up) step
+    flops = {m: s.flops() for m, s in steppers.items()}  # eager: also the first (warm-up) step
+    if compile_mode:
+        for s in steppers.values():
+            s.compile(compile_mode)
+            s.step()  # compilation happens here, outside every timing
     pair = sum(median(t) for t in interleaved_times({m: s.step for m, s in steppers.items()}, device,
                                                     warmup=0, repeats=1).values())
     repeats = max(3, min(repeats, int(budget / pair)))  # slow models (CPU convs) get fewer repeats
@@ -55,6 +59,8 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--batch", type=int, default=0, help="override every model's batch (0 = per-model default)")
     p.add_argument("--amp", choices=("auto", "off", "bf16"), default="auto", help="bf16 autocast; auto = CUDA only")
+    p.add_argument("--compile", choices=("off", "default", "reduce-overhead"), default="off",
+                   help="time both methods with the loss computation under torch.compile (as train.compile=true)")
     args = p.parse_args()
     device = setup(args.threads)
     amp = device.type == "cuda" if args.amp == "auto" else args.amp == "bf16"
@@ -65,7 +71,8 @@ def main() -> None:
         shape, cpu_batch, gpu_batch = MODELS[name]
         batch = args.batch or (gpu_batch if device.type == "cuda" else cpu_batch)
         r = bench_model(name, device, batch=batch, repeats=args.repeats, warmup=args.warmup, amp=amp,
-                        rate=rates[0], budget=args.budget)
+                        rate=rates[0], budget=args.budget,
+                        compile_mode=None if args.compile == "off" else args.compile)
         results[name] = r
         print(f"{name:12s} batch {batch:4d} x{r['repeats']:<3d} CCL {r['ccl']['step_ms_median']:8.2f} ms  BP {r['bp']['step_ms_median']:8.2f} ms"
               f"  ratio {r['ratio_ccl_over_bp_step_time']:.3f} (paired {r['ratio_ccl_over_bp_paired_median']:.3f})"
@@ -86,6 +93,7 @@ def main() -> None:
         targets["mfu_target"] = TARGET_MFU
         targets["mfu_mlp_cifar_batch"] = results["mlp_cifar"]["batch"]
     payload = {"benchmark": "speed_steps", "env": environment(device, args.threads), "amp": "bf16" if amp else "off",
+               "compile": args.compile,
                "matmul_rate_flops_per_s": rate, "matmul_rates": rates, "matmul_dtype": str(mm_dtype),
                "repeats": args.repeats, "warmup": args.warmup, "models": results, "targets": targets}
     print(f"matmul rate {rate / 1e9:.1f} GFLOP/s ({', '.join(f'{r / 1e9:.1f}' for r in rates)}); targets: {targets}")

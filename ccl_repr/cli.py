@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from .distributed import env_rank
 from .errors import UserError
 
 
@@ -46,6 +47,11 @@ def _diagnostics_hooks(args: argparse.Namespace) -> list:
     return [DiagnosticsHook(every=args.diagnostics_every)]
 
 
+def _log(message: str) -> None:
+    if env_rank() == 0:  # under torchrun, one voice: rank 0's
+        print(message, file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from . import checkpoint as ckpt
     from .config import config_from_dict, make_config
@@ -71,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{run / ckpt.CONFIG}: {e}; restore the run's original config.json") from None
         if args.no_progress:
             cfg.train.progress = False
-        summary = train(cfg, run, resume=True, log=lambda m: print(m, file=sys.stderr),
+        summary = train(cfg, run, resume=True, log=_log,
                         hooks=_diagnostics_hooks(args))
     else:
         if not args.recipe:
@@ -90,9 +96,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = make_config(args.recipe, method=args.method, overrides=over, sets=args.sets)
         out = Path(args.out) if args.out else Path("runs") / (
             f"{cfg.recipe or 'run'}-{cfg.method}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        summary = train(cfg, out, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr),
+        summary = train(cfg, out, overwrite=args.overwrite, log=_log,
                         hooks=_diagnostics_hooks(args))
         run = out
+    if env_rank() != 0:  # under torchrun only rank 0 reports (the other ranks wrote nothing)
+        return 0
     keys = [k for k in ("method", "model", "dataset", "epochs", "seed", "test_accuracy", "best_val_accuracy",
                         "test_mse", "best_epoch", "train_seconds", "samples_per_second") if k in summary]
     print(json.dumps({k: summary[k] for k in keys}))

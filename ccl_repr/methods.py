@@ -168,7 +168,9 @@ def summed_backward(method: CCL | Backprop, model: DualNetwork, x: Tensor, y: Te
     """One backward() over the sum of the losses (forward work under the method's autocast)."""
     with method.autocast():
         losses = method.losses(model, x, y)
-    sum(losses.values()).backward()
+    # Backward from every loss at once: the same gradients as sum(losses).backward() (each
+    # parameter is reached by one term under CCL), without the graph of the sum.
+    torch.autograd.backward(list(losses.values()))
     return {k: v.detach() for k, v in losses.items()}
 
 
@@ -199,6 +201,16 @@ def centralize_gradients(params: list[torch.nn.Parameter]) -> None:
             p.grad.sub_(p.grad.mean(dim=tuple(range(1, p.grad.dim())), keepdim=True))
 
 
+def make_sgd(params: list[torch.nn.Parameter], **hyper: float) -> torch.optim.SGD:
+    """SGD with its fused kernel where this torch and device have one (one pass over parameter,
+    gradient and momentum buffer instead of one per operation; CPU needs torch >= 2.4), else the
+    multi-tensor (foreach) implementation. Same update either way."""
+    try:
+        return torch.optim.SGD(params, fused=True, **hyper)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.SGD(params, foreach=True, **hyper)
+
+
 class Optimizers:
     """One SGD per network with its own lr, momentum, weight decay and clipping (spec §4)."""
 
@@ -213,7 +225,7 @@ class Optimizers:
             params = self.params[net] = [p for _, ps in self.groups[net] for p in ps]
             if not params:
                 continue
-            opt = torch.optim.SGD(params, lr=ncfg.lr, momentum=ncfg.momentum, weight_decay=ncfg.weight_decay)
+            opt = make_sgd(params, lr=ncfg.lr, momentum=ncfg.momentum, weight_decay=ncfg.weight_decay)
             ratio = cfg.min_lr / ncfg.lr if ncfg.lr > 0 else 0.0
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, r=ratio: lr_factor(
                 s, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, min_ratio=min(1.0, r)))

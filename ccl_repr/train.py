@@ -192,7 +192,7 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
             "resume": f"ccl-repr train --resume {out}" if saved else None, "versions": ckpt.versions()})
 
     stop, watch = StopRequest(), DivergenceGuard(model, device)
-    progress = _progress(range(start_epoch, cfg.train.epochs), cfg, start_epoch)
+    progress = _progress(range(start_epoch, cfg.train.epochs), cfg, start_epoch, show=ddp.is_main)
     model.train()
     try:
         with stop:
@@ -282,8 +282,8 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     return summary
 
 
-def _progress(it, cfg: Config, start: int):
-    if not cfg.train.progress:
+def _progress(it, cfg: Config, start: int, *, show: bool = True):
+    if not (cfg.train.progress and show):  # one bar per run: rank 0's under torchrun
         return it
     from tqdm.auto import tqdm
     return tqdm(it, total=cfg.train.epochs, initial=start, desc=f"{cfg.method} {cfg.model.name}",

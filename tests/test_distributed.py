@@ -38,6 +38,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path, method="ccl"):
            "--out", str(multi), *[a for s in SETS for a in ("--set", s)]]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    # One voice: only rank 0 prints the summary line and the run folder.
+    assert done.stdout.count('"test_accuracy"') == 1, done.stdout
+    assert done.stderr.count("run folder:") == 1, done.stderr[-3000:]
 
     a = ckpt.load_checkpoint(single / ckpt.CHECKPOINT)["model"]
     b = ckpt.load_checkpoint(multi / ckpt.CHECKPOINT)["model"]
