@@ -53,6 +53,38 @@ def test_lr_schedule_shape():
     assert lr_factor(50, total=100, warmup=0, schedule="constant", min_ratio=0.0) == 1.0
 
 
+def test_optimizer_update_equals_the_sgd_formula():
+    """Optimizers (fused SGD where available) applies, per network, clip by global norm then
+    v <- mu v + (g + wd p), p <- p - lr v: checked against the formula over three steps."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp_small"), input_shape=(1, 8, 8), num_classes=10)
+    cfg = OptimConfig(forward=NetOptimConfig(lr=0.3, momentum=0.9, weight_decay=1e-3, clip=0.5),
+                      feedback=NetOptimConfig(lr=0.1, momentum=0.5, weight_decay=0.0, clip=0.0))
+    opt = Optimizers(model, cfg, total_steps=10)
+    method = CCL(LossConfig())
+    method.prepare(model)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    params = {net: model.network_parameters(net) for net in ("forward", "feedback")}
+    ref = {net: [p.detach().clone() for p in ps] for net, ps in params.items()}
+    bufs = {net: [torch.zeros_like(p) for p in ps] for net, ps in params.items()}
+    for _ in range(3):
+        opt.zero_grad()
+        method.backward(model, x, y)
+        for net, ncfg in (("forward", cfg.forward), ("feedback", cfg.feedback)):
+            grads = [p.grad.clone() for p in params[net]]
+            if ncfg.clip > 0:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                grads = [g * min(1.0, ncfg.clip / (norm.item() + 1e-6)) for g in grads]
+            for r, b, g in zip(ref[net], bufs[net], grads):
+                b.mul_(ncfg.momentum).add_(g + ncfg.weight_decay * r)
+                r.sub_(ncfg.lr * b)
+        opt.clip_and_step()
+        for net in params:  # the reference continues from the optimiser's params (same inputs)
+            for r, p in zip(ref[net], params[net]):
+                torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+                r.copy_(p.detach())
+
+
 def test_fixed_feedback_network_with_zero_lr_still_learns():
     """Spec §6: asymmetric learning rates; lr_B = 0 keeps G at its random init."""
     torch.manual_seed(0)
