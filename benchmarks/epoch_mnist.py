@@ -6,9 +6,9 @@ For CCL and backprop, each repeat runs, in turns:
   second epoch is timed. ``loop``: its ``epoch_seconds`` from metrics.jsonl (the optimiser steps
   with batching and bookkeeping); ``full``: from the last step of epoch 1 to the last step of
   epoch 2 (also validation and the checkpoint), taken with a step hook.
-- ``compute``: the same number of steps with the same batch sizes on one pre-gathered batch
-  (no indexing, no shuffling, no bookkeeping) - the pure compute of the epoch.
-- ``data``: the same epoch's batches gathered by the same code, with no step.
+- ``compute``: the same seed, init and steps, on the same epoch's batches gathered beforehand
+  (no indexing, no shuffling, no bookkeeping during the timed epoch) - its pure compute.
+- ``data``: gathering that epoch's batches by the same code (shuffle + index), with no step.
 Target: loop / compute <= 1.1 (data and bookkeeping <= 10% of the epoch), medians over repeats.
 
 With ``--run-epochs N`` it also times one whole ``train()`` run of N epochs for CCL (the GPU
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from ccl_repr.data import batches, load_data, shuffle_order
 from ccl_repr.fastpath import apply as apply_fast_path
 from ccl_repr.methods import Optimizers, make_method
 from ccl_repr.models import build_model
-from ccl_repr.train import train
+from ccl_repr.train import seed_everything, train
 
 TARGET = 1.1
 
@@ -67,34 +68,39 @@ def timed_train(cfg, device: torch.device) -> dict:
 
 
 def compute_and_data(cfg, device: torch.device) -> dict:
+    """``data``: gathering one epoch's batches (shuffle + index) with no step. ``compute``: the
+    steps of the second of two epochs over those pre-gathered batches, from the same seed and
+    init as train() - the same work as the loop's timed epoch, minus data and bookkeeping. (Real
+    batches matter: on CPUs whose expm1 is slow, ELU's cost depends on the sign of its inputs.)"""
+    seed_everything(cfg.seed)
     bundle = load_data(cfg.data, device=device, seed=cfg.seed)
     model = build_model(cfg.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes).to(device)
     method = make_method(cfg)
     method.prepare(model)
     apply_fast_path(model, method, cfg.train, device, bundle)  # as train() does (bf16 autocast on CUDA)
-    optim = Optimizers(model, cfg.optim, total_steps=10 ** 6)
-    bs, n = cfg.train.batch_size, len(bundle.train)
-    sizes = [min(bs, n - i) for i in range(0, n, bs)]
-    fixed = bundle.train.x[:bs].clone(), bundle.train.y[:bs].clone()
+    steps = math.ceil(len(bundle.train) / cfg.train.batch_size)
+    optim = Optimizers(model, cfg.optim, total_steps=cfg.train.epochs * steps)
+    shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    def epoch_compute() -> None:
-        for size in sizes:
+    def gather() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(batches(bundle.train, cfg.train.batch_size, order=shuffle_order(bundle.train, shuffle)))
+
+    def epoch_compute(epoch: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for x, y in epoch:
             optim.zero_grad()
-            method.backward(model, fixed[0][:size], fixed[1][:size])
+            method.backward(model, x, y)
             optim.clip_and_step()
 
-    epoch_compute()  # warm-up
+    epoch_compute(gather())  # epoch 1 (warm-up), as in the loop
     sync(device)
     t = time.perf_counter()
-    epoch_compute()
+    second = gather()
     sync(device)
-    compute = time.perf_counter() - t
-    gen = torch.Generator(device=device).manual_seed(0)
+    data = time.perf_counter() - t
     t = time.perf_counter()
-    for x, y in batches(bundle.train, bs, order=shuffle_order(bundle.train, gen)):
-        pass
+    epoch_compute(second)
     sync(device)
-    return {"compute": compute, "data": time.perf_counter() - t, "steps": len(sizes), "num_train": n}
+    return {"compute": time.perf_counter() - t, "data": data, "steps": len(second), "num_train": len(bundle.train)}
 
 
 def main() -> None:
