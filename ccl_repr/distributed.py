@@ -16,7 +16,9 @@ How a step stays equal to the single-process step at the same global batch:
   normaliser and batch-norm statistics;
 - clipping and the optimiser step then run on identical gradients on every rank, so the
   parameters stay identical without further communication;
-- only rank 0 writes the run folder; the other ranks write into a scratch folder.
+- only rank 0 writes the run folder; the other ranks write into a scratch folder;
+- a stop request (Ctrl-C, SIGTERM) on any rank stops every rank after the same step
+  (:meth:`DataParallel.stop_agreed`), so the checkpoint rank 0 writes is the group's state.
 """
 
 from __future__ import annotations
@@ -59,11 +61,15 @@ def run_dir(out: Path, *, resume: bool) -> Path:
     return scratch / out.name
 
 
+AGREE_EVERY = 10  # steps between stop-request agreements across ranks (one tiny all-reduce each)
+
+
 class DataParallel:
     """This process's place in the group; ``world_size == 1`` means plain single-process training."""
 
-    def __init__(self, *, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> None:
         self.rank, self.world_size = rank, world_size
+        self.device = device or torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -110,6 +116,21 @@ class DataParallel:
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         return {k: v / self.world_size for k, v in zip(keys, stacked)}
 
+    def stop_agreed(self, requested: bool, step: int, *, boundary: bool = False) -> bool:
+        """Whether to stop after this step. One process: as soon as a stop was requested. Under
+        torchrun every rank must stop after the *same* step, or the ranks still stepping wait
+        forever in the next gradient all-reduce (a signal can reach one rank only, e.g. one
+        node's preemption, or reach them on either side of a step). So the ranks agree - one
+        all-reduce (MAX) of a flag, a host sync - at epoch ends (``boundary``) and every
+        ``AGREE_EVERY`` steps, and all stop there if any rank was asked to."""
+        if self.world_size == 1:
+            return requested
+        if not boundary and step % AGREE_EVERY:
+            return False
+        flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def broadcast_parameters(self, model: nn.Module) -> None:
         """Start every rank from rank 0's weights and buffers (they are seeded alike anyway)."""
         if self.world_size == 1:
@@ -133,7 +154,7 @@ def setup(device: torch.device) -> DataParallel:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         atexit.register(_close)
-    return DataParallel(rank=rank, world_size=world)
+    return DataParallel(rank=rank, world_size=world, device=device)
 
 
 def _close() -> None:

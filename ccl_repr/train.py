@@ -221,7 +221,7 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
                             ckpt.append_jsonl(out / DIAGNOSTICS, {"step": step, "epoch": epoch + 1, **record})
                     if step % CHECK_EVERY == 0:
                         watch.check(step=step, epoch=epoch + 1, loss_sums=sums, last_good=last_good())
-                    if stop.requested and n_batches < steps_per_epoch:
+                    if n_batches < steps_per_epoch and ddp.stop_agreed(stop.requested, step):
                         # Stop between two optimiser steps: the state is consistent and resumable.
                         watch.check(step=step, epoch=epoch + 1, loss_sums=sums, last_good=last_good())
                         save_state(epoch, partial={"order": order, "batches": n_batches, "sums": sums,
@@ -245,9 +245,10 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
                 if hasattr(progress, "set_postfix"):
                     progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in row.items() if k.startswith("val/")})
                 every = cfg.train.checkpoint_every
-                if epoch + 1 < cfg.train.epochs and (stop.requested or (every and (epoch + 1) % every == 0)):
+                halt = ddp.stop_agreed(stop.requested, step, boundary=True)  # same answer on every rank
+                if epoch + 1 < cfg.train.epochs and (halt or (every and (epoch + 1) % every == 0)):
                     save_state(epoch + 1)
-                if stop.requested and epoch + 1 < cfg.train.epochs:
+                if halt and epoch + 1 < cfg.train.epochs:
                     raise Interrupted(f"interrupted after epoch {epoch + 1} at step {step}; checkpoint written, "
                                       f"continue with: ccl-repr train --resume {out}", stop.signum or 2)
             save_state(cfg.train.epochs)

@@ -1,8 +1,11 @@
 """Data parallel through torchrun: 2 processes on CPU (gloo) train to the same parameters as one
 process at the same global batch, and only rank 0 writes the run folder."""
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +55,57 @@ def test_two_gloo_processes_equal_one_process(tmp_path, method="ccl"):
     assert len(rows_b) == 2
     assert rows_b[-1]["val/accuracy"] == pytest.approx(rows_a[-1]["val/accuracy"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multi", "single"]
+
+
+def _rank_pid(rank: int, marker: str) -> int | None:
+    """The pid of the torchrun worker with RANK=rank whose command line contains ``marker``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if marker.encode() in cmdline and b"ccl_repr.cli" in cmdline and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactly(tmp_path):
+    """SIGTERM to rank 1 only (one node preempted): every rank stops after the same step (else
+    rank 0 would wait forever in the next all-reduce), rank 0 writes the checkpoint and an
+    'interrupted' summary, and `--resume` under torchrun ends where an uninterrupted run ends."""
+    epochs, single, multi = 60, tmp_path / "single", tmp_path / "multi"
+    train(make_config("mlp_digits", overrides={"train": {"epochs": epochs}, "device": "cpu"}, sets=SETS),
+          single, log=lambda m: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ccl_repr.cli"]
+    cmd = [*launch, "train", "mlp_digits", "--epochs", str(epochs), "--device", "cpu", "--out", str(multi),
+           *[a for s in SETS for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((multi / ckpt.METRICS).exists() and (multi / ckpt.METRICS).read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the torchrun run ended or hung before epoch 1"
+            time.sleep(0.02)
+        pid = _rank_pid(1, str(multi))
+        assert pid is not None, "rank 1's process not found"
+        os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)  # a hang (rank 0 stuck in the all-reduce) fails here
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    summary = ckpt.read_json(multi / ckpt.SUMMARY)
+    assert summary["status"] == "interrupted", (summary, err[-2000:])
+    assert summary["checkpoint_epoch"] < epochs
+
+    done = subprocess.run([*launch, "train", "--resume", str(multi)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ckpt.read_json(multi / ckpt.SUMMARY)["status"] == "completed"
+    a = ckpt.load_checkpoint(single / ckpt.CHECKPOINT)["model"]
+    b = ckpt.load_checkpoint(multi / ckpt.CHECKPOINT)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{k} after {epochs} epochs")
+    assert len(ckpt.read_jsonl(multi / ckpt.METRICS)) == epochs
