@@ -28,7 +28,8 @@ from ccl_repr.config import LossConfig, ModelConfig, OptimConfig  # noqa: E402
 from ccl_repr.methods import CCL, Backprop, Optimizers  # noqa: E402
 from ccl_repr.models import DualNetwork, build_model  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
+# Where every benchmark writes its JSON; CCL_REPR_BENCH_RESULTS redirects it (the smoke tests do).
+RESULTS = Path(os.environ.get("CCL_REPR_BENCH_RESULTS") or REPO / "benchmarks" / "results")
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 # Natural input shape per registry model and batch per device (CPU batches of the conv models
@@ -196,7 +197,7 @@ def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else str(v)) + "\n")
-    print(f"wrote {path.relative_to(REPO)}")
+    print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return path
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("CCL_REPR_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 PREFIXES = ("speed_steps_", "memory_depth_", "epoch_mnist_")
 
 
