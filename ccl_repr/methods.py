@@ -165,12 +165,11 @@ METHODS = {"ccl": CCL, "bp": Backprop}
 
 
 def summed_backward(method: CCL | Backprop, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """One backward() over the sum of the losses (forward work under the method's autocast)."""
+    """One backward pass from all the losses at once (forward work under the method's autocast):
+    the gradients of sum(losses).backward(), without building the graph of the sum."""
     with method.autocast():
         losses = method.losses(model, x, y)
-    # Backward from every loss at once: the same gradients as sum(losses).backward() (each
-    # parameter is reached by one term under CCL), without the graph of the sum.
-    torch.autograd.backward(list(losses.values()))
+    torch.autograd.backward([v for v in losses.values() if v.requires_grad])
     return {k: v.detach() for k, v in losses.items()}
 
 
