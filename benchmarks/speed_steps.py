@@ -26,18 +26,26 @@ TARGET_MFU = 0.40   # mlp_cifar, batch 256, CPU
 
 def bench_model(name: str, device: torch.device, *, batch: int, repeats: int, warmup: int,
                 amp: bool, rate: float, budget: float, compile_mode: str | None = None) -> dict:
+    """``compile_mode``: None (eager), a torch.compile mode for both methods, or "both": eager and
+    compiled ("default" mode) steppers of each method, all four interleaved in one run."""
     steppers = {m: Stepper(name, m, device, batch=batch, amp=amp) for m in ("ccl", "bp")}
     flops = {m: s.flops() for m, s in steppers.items()}  # eager: also the first (warm-up) step
-    if compile_mode:
-        for s in steppers.values():
-            s.compile(compile_mode)
-            s.step()  # compilation happens here, outside every timing
+    if compile_mode == "both":
+        for m in ("ccl", "bp"):
+            steppers[f"{m}_compiled"] = Stepper(name, m, device, batch=batch, amp=amp)
+            flops[f"{m}_compiled"] = flops[m]
+        compiled = [k for k in steppers if k.endswith("_compiled")]
+    else:
+        compiled = list(steppers) if compile_mode else []
+    for k in compiled:
+        steppers[k].compile("default" if compile_mode == "both" else compile_mode)
+        steppers[k].step()  # compilation happens here, outside every timing
     pair = sum(median(t) for t in interleaved_times({m: s.step for m, s in steppers.items()}, device,
                                                     warmup=0, repeats=1).values())
     repeats = max(3, min(repeats, int(budget / pair)))  # slow models (CPU convs) get fewer repeats
     times = interleaved_times({m: s.step for m, s in steppers.items()}, device, warmup=warmup, repeats=repeats)
     out: dict = {"batch": batch, "input_shape": list(steppers["ccl"].model.input_shape), "repeats": repeats}
-    for m in ("ccl", "bp"):
+    for m in steppers:
         t = median(times[m])
         out[m] = {"step_ms_median": 1e3 * t, "step_ms_all": [round(1e3 * v, 3) for v in times[m]],
                   "samples_per_s": batch / t, "flops_per_step": flops[m], "flops_per_sample": flops[m] / batch,
@@ -46,6 +54,12 @@ def bench_model(name: str, device: torch.device, *, batch: int, repeats: int, wa
     pairs = [c / b for c, b in zip(times["ccl"], times["bp"])]  # each CCL step against the BP step after it
     out["ratio_ccl_over_bp_paired_median"] = median(pairs)
     out["ratio_ccl_over_bp_flops"] = flops["ccl"] / flops["bp"]
+    if compile_mode == "both":
+        ms = {k: out[k]["step_ms_median"] for k in steppers}
+        out["ratio_compiled_ccl_over_compiled_bp"] = ms["ccl_compiled"] / ms["bp_compiled"]
+        # The fairest single number: each method in its faster form.
+        out["ratio_best_ccl_over_best_bp"] = min(ms["ccl"], ms["ccl_compiled"]) / min(ms["bp"], ms["bp_compiled"])
+        out["compile_speedup"] = {m: ms[m] / ms[f"{m}_compiled"] for m in ("ccl", "bp")}
     return out
 
 
@@ -59,8 +73,9 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--batch", type=int, default=0, help="override every model's batch (0 = per-model default)")
     p.add_argument("--amp", choices=("auto", "off", "bf16"), default="auto", help="bf16 autocast; auto = CUDA only")
-    p.add_argument("--compile", choices=("off", "default", "reduce-overhead"), default="off",
-                   help="time both methods with the loss computation under torch.compile (as train.compile=true)")
+    p.add_argument("--compile", choices=("off", "default", "reduce-overhead", "both"), default="off",
+                   help="time both methods with the loss computation under torch.compile (as train.compile=true); "
+                        "'both': eager and compiled side by side in one run")
     args = p.parse_args()
     device = setup(args.threads)
     amp = device.type == "cuda" if args.amp == "auto" else args.amp == "bf16"
@@ -78,16 +93,26 @@ def main() -> None:
               f"  ratio {r['ratio_ccl_over_bp_step_time']:.3f} (paired {r['ratio_ccl_over_bp_paired_median']:.3f})"
               f"  FLOP ratio {r['ratio_ccl_over_bp_flops']:.3f}  MFU CCL {r['ccl']['mfu']:.1%} BP {r['bp']['mfu']:.1%}",
               flush=True)
+        if "ccl_compiled" in r:
+            print(f"{'':12s} compiled: CCL {r['ccl_compiled']['step_ms_median']:8.2f} ms  BP "
+                  f"{r['bp_compiled']['step_ms_median']:8.2f} ms  ratio {r['ratio_compiled_ccl_over_compiled_bp']:.3f}"
+                  f"  best CCL / best BP {r['ratio_best_ccl_over_best_bp']:.3f}", flush=True)
     rates.append(matmul_rate(device, dtype=mm_dtype))
     rate = median(rates)
     for r in results.values():  # MFU against the median of the matmul rates around the models
-        for m in ("ccl", "bp"):
-            r[m]["mfu"] = r[m]["achieved_flops_per_s"] / rate
+        for v in r.values():
+            if isinstance(v, dict) and "achieved_flops_per_s" in v:
+                v["mfu"] = v["achieved_flops_per_s"] / rate
     mlps = [n for n in results if n.startswith("mlp_")]
     targets = {
         "ccl_over_bp_step_time_mlp_max": max((results[n]["ratio_ccl_over_bp_step_time"] for n in mlps), default=None),
         "ccl_over_bp_target": TARGET_RATIO,
     }
+    if args.compile == "both":
+        targets["ccl_over_bp_compiled_mlp_max"] = max(
+            (results[n]["ratio_compiled_ccl_over_compiled_bp"] for n in mlps), default=None)
+        targets["best_ccl_over_best_bp_mlp_max"] = max(
+            (results[n]["ratio_best_ccl_over_best_bp"] for n in mlps), default=None)
     if "mlp_cifar" in results:
         targets["mfu_mlp_cifar"] = {m: results["mlp_cifar"][m]["mfu"] for m in ("ccl", "bp")}
         targets["mfu_target"] = TARGET_MFU

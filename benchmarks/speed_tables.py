@@ -27,7 +27,9 @@ def _rate(v: float) -> str:
 
 def speed_steps(name: str, d: dict) -> str:
     extra = f", matmul rate {d['matmul_rate_flops_per_s'] / 1e9:.1f} GFLOP/s"
-    if d.get("compile", "off") != "off":
+    if d.get("compile") == "both":
+        extra += ", eager and torch.compile'd steps of both methods interleaved"
+    elif d.get("compile", "off") != "off":
         extra += f", both methods under torch.compile ({d['compile']})"
     lines = [_title(name, d, extra),
              "| model | batch | repeats | CCL step ms | BP step ms | CCL/BP (medians) | CCL/BP (paired median) "
@@ -39,6 +41,14 @@ def speed_steps(name: str, d: dict) -> str:
                      f"| {r['ratio_ccl_over_bp_step_time']:.3f} | {r['ratio_ccl_over_bp_paired_median']:.3f} "
                      f"| {_rate(c['samples_per_s'])} | {_rate(b['samples_per_s'])} | {c['flops_per_sample'] / 1e6:.2f} M "
                      f"| {b['flops_per_sample'] / 1e6:.2f} M | {c['mfu']:.1%} | {b['mfu']:.1%} |")
+    if d.get("compile") == "both":
+        lines += ["", "| model | CCL eager ms | CCL compiled ms | BP eager ms | BP compiled ms | CCL/BP eager "
+                      "| CCL/BP compiled | best CCL / best BP |", "|" + "---|" * 8]
+        for model, r in d["models"].items():
+            ms = {k: r[k]["step_ms_median"] for k in ("ccl", "ccl_compiled", "bp", "bp_compiled")}
+            lines.append(f"| {model} | {ms['ccl']:.2f} | {ms['ccl_compiled']:.2f} | {ms['bp']:.2f} "
+                         f"| {ms['bp_compiled']:.2f} | {r['ratio_ccl_over_bp_step_time']:.3f} "
+                         f"| {r['ratio_compiled_ccl_over_compiled_bp']:.3f} | {r['ratio_best_ccl_over_best_bp']:.3f} |")
     return "\n".join(lines)
 
 

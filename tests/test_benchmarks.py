@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -74,3 +75,38 @@ def test_gpu_script_calls_only_existing_scripts_and_flags(script):
         flags = [w for w in line.split(f"benchmarks/{script}", 1)[1].split("||")[0].split() if w.startswith("--")]
         for flag in flags:
             assert flag in helptext, f"gpu.sh passes {flag} to {script}, which does not accept it"
+
+
+@pytest.mark.parametrize("name", ["mlp_small", "mlp_mnist"])
+def test_kernel_floor_computes_the_library_step(name):
+    """speed_floor's hand-written steps are the library's steps: same gradients as autograd for
+    both networks, and the same parameters after one clip + SGD step."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from speed_common import Stepper
+    from speed_floor import FloorStep, bp_grads, ccl_grads, weights
+
+    for method in ("ccl", "bp"):
+        lib, floor = (Stepper(name, method, torch.device("cpu"), batch=32, seed=1) for _ in range(2))
+        lib.optim.zero_grad()
+        lib.method.backward(lib.model, lib.x, lib.y)
+        U, V = weights(lib.model)
+        with torch.no_grad():
+            gU, gV = (ccl_grads(U, V, lib.x, lib.y, scale=lib.method.cfg.scale) if method == "ccl"
+                      else (bp_grads(U, lib.x, lib.y), None))
+        for i, (w, g) in enumerate(zip(U, gU)):
+            torch.testing.assert_close(g, w.grad, rtol=1e-4, atol=1e-6, msg=f"{method} U_{i + 1}")
+        for i, (w, g) in enumerate(zip(V, gV or [])):
+            torch.testing.assert_close(g, w.grad, rtol=1e-4, atol=1e-6, msg=f"{method} V_{i + 1}")
+        lib.optim.clip_and_step()
+        FloorStep(floor).step()
+        for (k, a), b in zip(lib.model.state_dict().items(), floor.model.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=f"{method} {k} after one step")
+
+
+def test_kernel_floor_refuses_models_it_does_not_cover():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from speed_common import make_model
+    from speed_floor import weights
+
+    with pytest.raises(ValueError, match="bias-free ELU MLPs only"):
+        weights(make_model("cnn", torch.device("cpu")))
