@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 RESULTS = Path(os.environ.get("CCL_REPR_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
-PREFIXES = ("speed_steps_", "memory_depth_", "epoch_mnist_")
+PREFIXES = ("speed_steps_", "speed_floor_", "memory_depth_", "epoch_mnist_")
 
 
 def _title(name: str, d: dict, extra: str) -> str:
@@ -79,10 +79,24 @@ def epoch_mnist(name: str, d: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_floor(name: str, d: dict) -> str:
+    lines = [_title(name, d, ""),
+             "| model | batch | repeats | library CCL ms | library BP ms | library CCL/BP | hand-written CCL ms "
+             "| hand-written BP ms | hand-written CCL/BP | framework share CCL | framework share BP |",
+             "|" + "---|" * 11]
+    for model, r in d["models"].items():
+        ms, share = r["step_ms_median"], r["framework_share"]
+        lines.append(f"| {model} | {r['batch']} | {r['repeats']} | {ms['library_ccl']:.2f} | {ms['library_bp']:.2f} "
+                     f"| {r['ratio_library']:.3f} | {ms['floor_ccl']:.2f} | {ms['floor_bp']:.2f} "
+                     f"| {r['ratio_floor']:.3f} | {share['ccl']:.0%} | {share['bp']:.0%} |")
+    return "\n".join(lines)
+
+
 def table(path: Path) -> str:
     d = json.loads(path.read_text())
     kind = d.get("benchmark") or next(p.rstrip("_") for p in PREFIXES if path.name.startswith(p))
-    return {"speed_steps": speed_steps, "memory_depth": memory_depth, "epoch_mnist": epoch_mnist}[kind](path.name, d)
+    return {"speed_steps": speed_steps, "speed_floor": speed_floor, "memory_depth": memory_depth,
+            "epoch_mnist": epoch_mnist}[kind](path.name, d)
 
 
 def main() -> None:
