@@ -36,6 +36,15 @@ def test_speed_steps_every_model_family(tmp_path):
     assert d["targets"]["ccl_over_bp_step_time_mlp_max"] == d["models"]["mlp_small"]["ratio_ccl_over_bp_step_time"]
 
 
+def test_speed_floor_script(tmp_path):
+    run_script(tmp_path, "benchmarks/speed_floor.py", "--threads", "1", "--repeats", "2", "--warmup", "1",
+               "--models", "mlp_small")
+    r = json.loads((tmp_path / "speed_floor_cpu.json").read_text())["models"]["mlp_small"]
+    assert set(r["step_ms_median"]) == {"library_ccl", "library_bp", "floor_ccl", "floor_bp"}
+    assert r["ratio_floor"] > 0 and r["ratio_library"] > 0
+    assert "speed_floor_cpu.json" in run_script(tmp_path, "benchmarks/speed_tables.py", "speed_floor_cpu.json").stdout
+
+
 def test_memory_depth_and_the_tables(tmp_path):
     run_script(tmp_path, "benchmarks/memory_depth.py", "--threads", "1", "--batch", "128", "--width", "128",
                "--depths", "2,8", "--repeats", "1")
