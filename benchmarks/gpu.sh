@@ -12,12 +12,14 @@ start=$SECONDS
 step() { echo "== $* ($((SECONDS - start)) s)"; }
 
 step "step time, samples/s, FLOPs, MFU per model (bf16 autocast)"
-timeout 120 python benchmarks/speed_steps.py --threads 4 --repeats 20 || echo "!! failed or timed out (exit $?); continuing"
+timeout 100 python benchmarks/speed_steps.py --threads 4 --repeats 20 || echo "!! failed or timed out (exit $?); continuing"
+step "MLPs eager vs CUDA graphs, both methods in one run"
+timeout 80 python benchmarks/speed_steps.py --threads 4 --repeats 30 --models mlp_small,mlp_mnist,mlp_cifar --compile both --tag _mlp_compile_both || echo "!! failed or timed out (exit $?); continuing"
 step "peak step memory vs depth"
-timeout 45 python benchmarks/memory_depth.py --threads 4 || echo "!! failed or timed out (exit $?); continuing"
+timeout 40 python benchmarks/memory_depth.py --threads 4 || echo "!! failed or timed out (exit $?); continuing"
 step "no host sync per step"
-timeout 45 python benchmarks/speed_sync.py || echo "!! failed or timed out (exit $?); continuing"
+timeout 40 python benchmarks/speed_sync.py || echo "!! failed or timed out (exit $?); continuing"
 step "mlp_mnist epoch split + 100-epoch CCL run"
-timeout 260 python benchmarks/epoch_mnist.py --threads 4 --repeats 2 --run-epochs 100 --run-compiled || echo "!! failed or timed out (exit $?); continuing"
+timeout 210 python benchmarks/epoch_mnist.py --threads 4 --repeats 2 --run-epochs 100 --run-compiled || echo "!! failed or timed out (exit $?); continuing"
 step "done"
 ls -l benchmarks/results/*_cuda.json
