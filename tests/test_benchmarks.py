@@ -1,6 +1,6 @@
 """The benchmark scripts run end to end at toy sizes and write well-formed JSON.
 
-A GPU machine is lent rarely and briefly: `benchmarks/gpu.sh` has to work the first time, so the
+GPU time is scarce: `benchmarks/gpu.sh` has to work the first time it runs, so the
 scripts it calls are run here on CPU with the same code paths (every model family, both CCL
 step modes, the real train() loop on MNIST files), only smaller. Results go to a temporary
 folder through CCL_REPR_BENCH_RESULTS, never into benchmarks/results.
@@ -74,7 +74,7 @@ def test_epoch_benchmark_on_mnist_files(tmp_path, mnist_root):
 @pytest.mark.parametrize("script", ["speed_steps.py", "memory_depth.py", "epoch_mnist.py", "speed_sync.py"])
 def test_gpu_script_calls_only_existing_scripts_and_flags(script):
     """Every flag gpu.sh passes to a script is one that script accepts (argparse would exit 2
-    on the GPU machine, wasting the loan)."""
+    on the GPU machine, wasting its time)."""
     gpu = (REPO / "benchmarks" / "gpu.sh").read_text()
     lines = [line for line in gpu.splitlines() if f"benchmarks/{script}" in line]
     assert lines, f"gpu.sh does not run {script}"
