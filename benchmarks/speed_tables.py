@@ -21,6 +21,11 @@ def _title(name: str, d: dict, extra: str) -> str:
             f"{env['time_utc']}{extra}**")
 
 
+def _header(*columns: str) -> list[str]:
+    """A Markdown table's header row and its separator, sized from the columns."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _rate(v: float) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
 
@@ -32,9 +37,9 @@ def speed_steps(name: str, d: dict) -> str:
     elif d.get("compile", "off") != "off":
         extra += f", both methods under torch.compile ({d['compile']})"
     lines = [_title(name, d, extra),
-             "| model | batch | repeats | CCL step ms | BP step ms | CCL/BP (medians) | CCL/BP (paired median) "
-             "| CCL samples/s | BP samples/s | FLOP/sample CCL | FLOP/sample BP | MFU CCL | MFU BP |",
-             "|" + "---|" * 13]
+             *_header("model", "batch", "repeats", "CCL step ms", "BP step ms", "CCL/BP (medians)",
+                      "CCL/BP (paired median)", "CCL samples/s", "BP samples/s", "FLOP/sample CCL",
+                      "FLOP/sample BP", "MFU CCL", "MFU BP")]
     for model, r in d["models"].items():
         c, b = r["ccl"], r["bp"]
         lines.append(f"| {model} | {r['batch']} | {r['repeats']} | {c['step_ms_median']:.2f} | {b['step_ms_median']:.2f} "
@@ -42,8 +47,8 @@ def speed_steps(name: str, d: dict) -> str:
                      f"| {_rate(c['samples_per_s'])} | {_rate(b['samples_per_s'])} | {c['flops_per_sample'] / 1e6:.2f} M "
                      f"| {b['flops_per_sample'] / 1e6:.2f} M | {c['mfu']:.1%} | {b['mfu']:.1%} |")
     if d.get("compile") == "both":
-        lines += ["", "| model | CCL eager ms | CCL compiled ms | BP eager ms | BP compiled ms | CCL/BP eager "
-                      "| CCL/BP compiled | best CCL / best BP |", "|" + "---|" * 8]
+        lines += ["", *_header("model", "CCL eager ms", "CCL compiled ms", "BP eager ms", "BP compiled ms",
+                               "CCL/BP eager", "CCL/BP compiled", "best CCL / best BP")]
         for model, r in d["models"].items():
             ms = {k: r[k]["step_ms_median"] for k in ("ccl", "ccl_compiled", "bp", "bp_compiled")}
             lines.append(f"| {model} | {ms['ccl']:.2f} | {ms['ccl_compiled']:.2f} | {ms['bp']:.2f} "
@@ -55,8 +60,8 @@ def speed_steps(name: str, d: dict) -> str:
 def memory_depth(name: str, d: dict) -> str:
     r, mib = d["results"], (lambda v: f"{v / 2 ** 20:.3f}")
     lines = [f"**{name} — batch {d['batch']}, width {d['width']}, method: {d['method']}**",
-             "| hidden layers | BP step peak MiB | CCL summed MiB | CCL layer-wise MiB | params+grads BP MiB "
-             "| params+grads CCL MiB |", "|" + "---|" * 6]
+             *_header("hidden layers", "BP step peak MiB", "CCL summed MiB", "CCL layer-wise MiB",
+                      "params+grads BP MiB", "params+grads CCL MiB")]
     for depth in map(str, d["depths"]):
         lines.append(f"| {depth} | {mib(r['bp'][depth]['step_peak_bytes'])} "
                      f"| {mib(r['ccl_summed'][depth]['step_peak_bytes'])} "
@@ -68,8 +73,8 @@ def memory_depth(name: str, d: dict) -> str:
 
 def epoch_mnist(name: str, d: dict) -> str:
     lines = [_title(name, d, ""),
-             "| method | steps | epoch loop s | full epoch s (+val, ckpt) | pure compute s | data s | loop/compute "
-             "| full/compute | paired loop/compute |", "|" + "---|" * 9]
+             *_header("method", "steps", "epoch loop s", "full epoch s (+val, ckpt)", "pure compute s", "data s",
+                      "loop/compute", "full/compute", "paired loop/compute")]
     for m in ("ccl", "bp"):
         r = d["results"][m]
         med = r["median"]
@@ -81,9 +86,9 @@ def epoch_mnist(name: str, d: dict) -> str:
 
 def speed_floor(name: str, d: dict) -> str:
     lines = [_title(name, d, ""),
-             "| model | batch | repeats | library CCL ms | library BP ms | library CCL/BP | hand-written CCL ms "
-             "| hand-written BP ms | hand-written CCL/BP | framework share CCL | framework share BP |",
-             "|" + "---|" * 11]
+             *_header("model", "batch", "repeats", "library CCL ms", "library BP ms", "library CCL/BP",
+                      "hand-written CCL ms", "hand-written BP ms", "hand-written CCL/BP", "framework share CCL",
+                      "framework share BP")]
     for model, r in d["models"].items():
         ms, share = r["step_ms_median"], r["framework_share"]
         lines.append(f"| {model} | {r['batch']} | {r['repeats']} | {ms['library_ccl']:.2f} | {ms['library_bp']:.2f} "

@@ -15,6 +15,8 @@ import torch
 
 from tests.conftest import REPO
 
+sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import each other by bare name (speed_common)
+
 
 def run_script(tmp_path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "CCL_REPR_BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "1"}
@@ -90,7 +92,6 @@ def test_gpu_script_calls_only_existing_scripts_and_flags(script):
 def test_kernel_floor_computes_the_library_step(name):
     """speed_floor's hand-written steps are the library's steps: same gradients as autograd for
     both networks, and the same parameters after one clip + SGD step."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from speed_common import Stepper
     from speed_floor import FloorStep, bp_grads, ccl_grads, weights
 
@@ -113,7 +114,6 @@ def test_kernel_floor_computes_the_library_step(name):
 
 
 def test_kernel_floor_refuses_models_it_does_not_cover():
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from speed_common import make_model
     from speed_floor import weights
 
