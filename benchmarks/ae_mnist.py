@@ -7,8 +7,16 @@ each, so wall times are comparable). The script collects every run's summary.jso
 
     nice -n 10 python benchmarks/ae_mnist.py --data-root ../shared/datasets --seeds 0 1 2
 
-Test MSE is on the [0, 1] pixel scale (the recipe sets data.normalize: false). Target (issue 3):
-mean CCL / mean BP <= 1.5 (paper, STL-10: 0.0086 / 0.0059 = 1.46); stretch <= 1.2.
+With ``--probe`` each run's bottleneck (F's code; for CCL also G's middle layer) is scored by
+the evals protocols (linear probe and kNN, their defaults), and ``--tag`` names the JSON and the
+doc section, so the converged comparison is one command beside the short one:
+
+    nice -n 10 python benchmarks/ae_mnist.py --data-root ../shared/datasets --seeds 0 \
+        --variants ccl bp_tuned --probe --tag ae_mnist_converged
+
+Every row also carries the run's validation MSE per epoch (``val_mse``). Test MSE is on the
+[0, 1] pixel scale (the recipe sets data.normalize: false). Targets: mean CCL / mean BP <= 1.5
+(paper, STL-10: 0.0086 / 0.0059 = 1.46), stretch <= 1.2; converged, against the tuned BP: <= 1.1.
 """
 
 from __future__ import annotations
@@ -28,7 +36,10 @@ PAPER_STL10 = {"ccl": (0.0086, 0.0001), "bp": (0.0059, 0.0001)}
 # grad-norm clip, to show how far the paper's BP settings are from the best BP on this budget.
 VARIANTS = {"ccl": ("ccl", []), "bp": ("bp", []),
             "bp_tuned": ("bp", ["optim.forward.lr=0.1", "optim.forward.clip=1.0"])}
-BEGIN, END = "<!-- ae_mnist:begin (written by benchmarks/ae_mnist.py) -->", "<!-- ae_mnist:end -->"
+
+
+def markers(tag: str) -> tuple[str, str]:
+    return f"<!-- {tag}:begin (written by benchmarks/ae_mnist.py) -->", f"<!-- {tag}:end -->"
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
@@ -44,11 +55,32 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"run failed: ccl-repr {' '.join(cli)}\n{proc.stderr[-2000:]}")
     s = json.loads((ROOT / out / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (ROOT / out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     row = {"variant": variant, "method": method, "seed": seed, "wall_seconds": round(wall, 1),
            "command": "ccl-repr " + " ".join(cli),
-           **{k: s[k] for k in ("test_mse", "best_val_mse", "best_epoch", "epochs", "train_seconds", "num_train")}}
-    print(json.dumps(row), flush=True)
+           **{k: s[k] for k in ("test_mse", "best_val_mse", "best_epoch", "epochs", "train_seconds", "num_train")},
+           "val_mse": [m["val/mse"] for m in metrics]}
+    if args.probe:
+        row["probes"] = probe_codes(ROOT / out, method)
+    print(json.dumps({k: v for k, v in row.items() if k != "val_mse"}), flush=True)
     return row
+
+
+def probe_codes(run_dir: Path, method: str) -> dict:
+    """Linear probe and kNN (evals defaults) of F's bottleneck and, for CCL, G's middle layer."""
+    from evals.evaluate import EvalConfig, score
+    from evals.features import extract, open_run
+
+    run = open_run(run_dir)
+    splits, k = (run.data.train, run.data.val, run.data.test), run.model.feature_index
+    out = {}
+    for network in ("forward", "feedback") if method == "ccl" else ("forward",):
+        t0 = time.perf_counter()
+        feats = [extract(run.model, s.x, layers=[k], network=network)[k] for s in splits]
+        r = score(feats, [s.y for s in splits], ("linear", "knn"), EvalConfig())
+        out[network] = {"layer": run.model.layer_names[k], "dim": r["dim"], "linear_probe": r["linear_probe_accuracy"],
+                        "knn": r["knn_accuracy"], "seconds": round(time.perf_counter() - t0, 1)}
+    return out
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -69,7 +101,8 @@ def summarise(rows: list[dict]) -> dict:
 def markdown(result: dict) -> str:
     per, seeds = result["summary"]["variants"], result["seeds"]
     epochs = result["rows"][0]["epochs"]
-    lines = [BEGIN, "", f"`ae_mnist`, {epochs} epochs, seeds {', '.join(map(str, seeds))}; test MSE on [0, 1] "
+    begin, end = markers(result["tag"])
+    lines = [begin, "", f"`ae_mnist`, {epochs} epochs, seeds {', '.join(map(str, seeds))}; test MSE on [0, 1] "
              f"pixels over the 10,000 MNIST test images ({result['rows'][0]['num_train']} training images).", "",
              "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | wall s (all seeds) "
              "| paper, STL-10 (conv AE) |", "|---" * (len(seeds) + 4) + "|"]
@@ -82,17 +115,41 @@ def markdown(result: dict) -> str:
     for key, value in result["summary"]["ratios"].items():
         lines.append(f"| {key.replace('ccl/', 'CCL / ')} | **{value:.2f}** | "
                      + ("1.46 (0.0086 / 0.0059)" if key == "ccl/bp" else "-") + " |")
-    lines += ["", "Commands (one per run, in this order):", "", "```"]
-    lines += [r["command"] for r in result["rows"]] + ["```", "", END]
+    lines += probe_table(result["rows"]) + curve_table(result["rows"])
+    lines += ["", f"One command: `{result['command']}`; runs, in this order:", "", "```"]
+    lines += [r["command"] for r in result["rows"]] + ["```", "", end]
     return "\n".join(lines)
 
 
-def write_doc(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else f"# Autoencoder results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(head + section + rest.split(END, 1)[1])
+def probe_table(rows: list[dict]) -> list[str]:
+    probed = [r for r in rows if "probes" in r]
+    if not probed:
+        return []
+    lines = ["", "| variant | seed | code | dim | linear probe | kNN (k=20) |", "|---|---|---|---|---|---|"]
+    for r in probed:
+        for network, p in r["probes"].items():
+            code = f"{'F' if network == 'forward' else 'G'} {p['layer']}"
+            lines.append(f"| {r['variant']} | {r['seed']} | {code} | {p['dim']} | {p['linear_probe']:.2%} | {p['knn']:.2%} |")
+    return lines
+
+
+def curve_table(rows: list[dict]) -> list[str]:
+    """Validation MSE per epoch, one column per run."""
+    n = max(len(r["val_mse"]) for r in rows)
+    lines = ["", "Validation MSE per epoch:", "", "| epoch | " + " | ".join(f"{r['variant']} s{r['seed']}" for r in rows) + " |",
+             "|---" * (len(rows) + 1) + "|"]
+    for e in range(n):
+        lines.append(f"| {e + 1} | " + " | ".join(f"{r['val_mse'][e]:.4f}" if e < len(r["val_mse"]) else "-" for r in rows) + " |")
+    return lines
+
+
+def write_doc(path: Path, section: str, tag: str) -> None:
+    begin, end = markers(tag)
+    text = path.read_text() if path.exists() else f"# Autoencoder results\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text = text.rstrip() + f"\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    path.write_text(head + section + rest.split(end, 1)[1])
 
 
 def main() -> None:
@@ -104,17 +161,20 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="override the recipe's epochs (same for every variant)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for every run")
     p.add_argument("--runs", default="benchmarks/out", help="parent folder of the run folders")
-    p.add_argument("--json", default="benchmarks/results/ae_mnist.json")
+    p.add_argument("--probe", action="store_true", help="linear probe + kNN of each run's bottleneck (evals)")
+    p.add_argument("--tag", default="ae_mnist", help="names the JSON (benchmarks/results/TAG.json) and the doc section")
+    p.add_argument("--json", help="default: benchmarks/results/TAG.json")
     p.add_argument("--doc", default="docs/results_ae.md")
     args = p.parse_args()
     started = time.perf_counter()
     rows = [run_one(v, s, args) for s in args.seeds for v in args.variants]
-    result = {"recipe": args.recipe, "seeds": args.seeds, "rows": rows, "summary": summarise(rows),
+    result = {"recipe": args.recipe, "tag": args.tag, "seeds": args.seeds, "rows": rows, "summary": summarise(rows),
               "total_wall_seconds": round(time.perf_counter() - started, 1),
               "command": "nice -n 10 python benchmarks/ae_mnist.py " + " ".join(sys.argv[1:])}
-    Path(ROOT / args.json).parent.mkdir(parents=True, exist_ok=True)
-    (ROOT / args.json).write_text(json.dumps(result, indent=2) + "\n")
-    write_doc(ROOT / args.doc, markdown(result))
+    json_path = ROOT / (args.json or f"benchmarks/results/{args.tag}.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_doc(ROOT / args.doc, markdown(result), args.tag)
     print(json.dumps(result["summary"]["ratios"]), f"total {result['total_wall_seconds']:.0f} s", flush=True)
 
 

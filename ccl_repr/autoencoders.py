@@ -14,7 +14,8 @@ Two builders register themselves in the model registry of :mod:`ccl_repr.models`
 so ``forward_features(x)`` is the code and ``feedback_intermediates(x)[model.feature_index]`` the
 feedback network's middle layer. With ``model.init: orthogonal`` the published initialisation
 is applied (spec §3): orthogonal weights, the decoder's forward weights and the encoder's
-feedback weights scaled by 0.001, the outermost of each set to zero, biases zero.
+feedback weights scaled by 0.001, the outermost of each set to zero, biases zero;
+``orthogonal_bn`` leaves out the 0.001 where a batch norm follows (see :func:`published_init_`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import ModelConfig
 from .errors import ShapeError
@@ -49,16 +50,28 @@ class DualLinearToImage(DualLinear):
         return super().feedback(rearrange(y, "b c h w -> b (c h w)"))
 
 
-def published_init_(layers: list[DualLayer], *, n_encoder: int) -> None:
+def published_init_(layers: list[DualLayer], *, n_encoder: int, keep_normed: bool = False) -> None:
     """Spec §3: scale the decoder's forward weights and the encoder's feedback weights by 0.001;
-    the outermost of each set (F's output layer, G's bottom layer) starts at zero."""
+    the outermost of each set (F's output layer, G's bottom layer) starts at zero.
+
+    ``keep_normed`` (``model.init: orthogonal_bn``): a projection that a batch norm follows keeps
+    its orthogonal scale. Scaled by 0.001, its pre-activations have a variance of order 1e-7,
+    below the norm's eps (1e-5): the norm does not normalise, and its gradient, amplified
+    1/sqrt(eps) times, takes over the network's grad-norm clip. With the paper's equal learning
+    rates such a layer grows out of this in a few steps; with a slow feedback network (ae_mnist)
+    G's layer stays in it and shrinks, and the code it feeds collapses (docs/results_ae.md)."""
     last = len(layers) - 1
     for i, layer in enumerate(layers):
-        u, v = layer.projections()
-        if i >= n_encoder:
-            scale_weight_(u, 0.0 if i == last else PUBLISHED_SCALE)
-        else:
-            scale_weight_(v, 0.0 if i == 0 else PUBLISHED_SCALE)
+        decoder = i >= n_encoder
+        proj, side = (layer.projections()[0], layer.fwd) if decoder else (layer.projections()[1], layer.fbk)
+        outermost = i == (last if decoder else 0)
+        if outermost or not (keep_normed and _normalised(side)):
+            scale_weight_(proj, 0.0 if outermost else PUBLISHED_SCALE)
+
+
+def _normalised(side: nn.Module) -> bool:
+    """Whether a batch norm sits before or after the side's projection."""
+    return not (isinstance(side.pre_norm, nn.Identity) and isinstance(side.post_norm, nn.Identity))
 
 
 def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
@@ -87,8 +100,8 @@ def check_conv_ae_size(input_shape: tuple[int, ...], depth: int) -> None:
 
 def _autoencoder(cfg: ModelConfig, input_shape: tuple[int, ...], layers: list[DualLayer],
                  n_encoder: int) -> DualNetwork:
-    if cfg.init == "orthogonal":
-        published_init_(layers, n_encoder=n_encoder)
+    if cfg.init in ("orthogonal", "orthogonal_bn"):
+        published_init_(layers, n_encoder=n_encoder, keep_normed=cfg.init == "orthogonal_bn")
     return DualNetwork(layers=layers, input_shape=input_shape, task="reconstruct", feature_index=n_encoder)
 
 

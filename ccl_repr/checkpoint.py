@@ -3,7 +3,9 @@
 A run folder holds ``config.json`` (resolved config), ``metrics.jsonl`` (one line per epoch),
 ``summary.json`` (``status``: completed, interrupted or diverged), ``versions.json``,
 ``checkpoint.pt`` (everything needed to resume, including the metrics rows it covers) and
-``model.pt`` (the weights that were tested: best validation epoch). Every file is written to a
+``model.pt`` (the weights that were tested: best validation epoch), the same weights as
+``model.safetensors`` (metadata: the config and ``model_meta``, so the file alone rebuilds the
+model) and ``preprocess.json`` (how raw images become model inputs). Every file is written to a
 temporary name, flushed, fsynced and renamed, so a kill at any moment leaves the previous good
 version intact. Loading first checks the zip archive's CRCs (torch does not, so a flipped byte
 would otherwise load silently), then uses ``torch.load(weights_only=True)``: plain containers and
@@ -12,6 +14,7 @@ tensors only, never pickled code.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -33,13 +36,18 @@ FORMAT = "ccl_repr.checkpoint/1"
 CHECKPOINT, MODEL, CONFIG, METRICS, SUMMARY, VERSIONS = (
     "checkpoint.pt", "model.pt", "config.json", "metrics.jsonl", "summary.json", "versions.json")
 DIAGNOSTICS = "diagnostics.jsonl"
-RUN_FILES = (CHECKPOINT, MODEL, CONFIG, METRICS, SUMMARY, VERSIONS, DIAGNOSTICS)
+# The tested weights for everyone (safetensors: no pickle, readable from other frameworks) and the
+# preprocessing the model was trained with (see ccl_repr.preprocess), beside model.pt.
+SAFETENSORS, PREPROCESS = "model.safetensors", "preprocess.json"
+SAFETENSORS_FORMAT = "ccl_repr.safetensors/1"
+RUN_FILES = (CHECKPOINT, MODEL, CONFIG, METRICS, SUMMARY, VERSIONS, DIAGNOSTICS, SAFETENSORS, PREPROCESS)
 # Keys a resumable checkpoint must hold (see train.train); checked before anything is restored.
 RESUME_KEYS = ("model", "model_meta", "optim", "epoch", "step", "train_seconds", "config", "best",
                "best_epoch", "best_model", "rng", "metrics", "device")
 # Config entries that may change between the interrupted run and its resumption: they do not
-# change what is computed, only how it is shown or how often it is saved.
-RESUME_MAY_CHANGE = ("train.progress", "train.num_threads", "train.checkpoint_every")
+# change what is computed, only how it is shown, how often it is saved or where data is cached.
+RESUME_MAY_CHANGE = ("train.progress", "train.tensorboard", "train.num_threads", "train.checkpoint_every",
+                     "data.cache_dir")
 
 
 def _umask() -> int:
@@ -223,6 +231,11 @@ def check_run_dir(out: Path, *, overwrite: bool = False) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file; choose a folder path")
+    home = next((p for p in (out, *out.parents) if p.exists()), None)  # where the folder would be made
+    if home is not None and not home.is_dir():
+        raise CheckpointError(f"--out {out} cannot be created: {home} is a file, not a folder; choose another --out")
+    if home is not None and not os.access(home, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--out {out} cannot be created: no write permission in {home}; choose another --out")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise CheckpointError(f"run folder {out} already exists and is not empty; choose another --out, "
@@ -251,27 +264,105 @@ def prepare_run_dir(out: Path, *, overwrite: bool = False) -> Path:
     return out
 
 
-def load_run(run_dir: Path, *, weights: str = "tested", map_location: str | torch.device = "cpu"):
-    """Rebuild (config, model) from a run folder. ``weights``: 'tested' (model.pt, the best
-    validation epoch) or 'last' (checkpoint.pt). Returns the model in eval mode."""
-    from .config import config_from_dict
-    from .models import build_model
+def _data_section(blob: bytes) -> bytes:
+    """The tensor bytes of a safetensors file (after the 8-byte length and the JSON header)."""
+    return blob[8 + int.from_bytes(blob[:8], "little"):]
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist; pass the --out folder of a training run")
-    cfg = config_from_dict(read_json(run_dir / CONFIG))
-    path = run_dir / (MODEL if weights == "tested" else CHECKPOINT)
+
+def save_safetensors(path: Path, state: dict[str, torch.Tensor], *, config: dict, meta: dict) -> None:
+    """Write ``state`` as safetensors with the config and model_meta as JSON metadata, plus the
+    SHA-256 of the tensor bytes: the format has no checksum of its own, and a flipped byte in a
+    weight must be refused as it is for checkpoints."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    info = {"format": SAFETENSORS_FORMAT, "config": json.dumps(config), "model_meta": json.dumps(meta)}
+    digest = hashlib.sha256(_data_section(save(tensors, metadata=info))).hexdigest()
+    atomic_write_bytes(path, save(tensors, metadata={**info, "sha256": digest}))
+
+
+def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(state_dict, config dict, model_meta) of a model.safetensors written by ccl-repr."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from None
+    try:
+        n = int.from_bytes(blob[:8], "little")
+        info = json.loads(blob[8:8 + n]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        info = None
+    if not info or info.get("format") != SAFETENSORS_FORMAT:
+        raise CheckpointError(f"{path} is not a model.safetensors written by ccl-repr (truncated, or no "
+                              f"{SAFETENSORS_FORMAT} metadata); restore it from a copy or retrain")
+    if hashlib.sha256(_data_section(blob)).hexdigest() != info.get("sha256"):
+        raise CheckpointError(f"{path} is corrupt: its tensor bytes do not match the recorded SHA-256; "
+                              f"restore it from a copy or retrain")
+    try:
+        return load(blob), json.loads(info["config"]), json.loads(info["model_meta"])
+    except Exception as e:  # a consistent digest over a malformed file: written by something else
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}); restore it from a copy or retrain") from None
+
+
+def load_weights(source: Path, *, weights: str = "tested") -> tuple[dict, dict, dict, Path]:
+    """(config dict, state_dict, model_meta, file read) from a run folder or a lone
+    ``.safetensors`` file. ``weights``: 'tested' (model.safetensors, else model.pt: the best
+    validation epoch) or 'last' (checkpoint.pt)."""
+    source = Path(source)
+    if source.suffix == ".safetensors" and source.is_file():
+        state, config, meta = load_safetensors(source)
+        return config, state, meta, source
+    if not source.is_dir():
+        raise CheckpointError(f"run folder {source} does not exist; pass the --out folder of a training run "
+                              f"or a model.safetensors file")
+    config = read_json(source / CONFIG)
+    if weights == "tested" and (source / SAFETENSORS).exists():
+        state, _, meta = load_safetensors(source / SAFETENSORS)
+        return config, state, meta, source / SAFETENSORS
+    path = source / (MODEL if weights == "tested" else CHECKPOINT)
     if weights == "tested" and not path.exists():
-        path = run_dir / CHECKPOINT
-    payload = load_checkpoint(path, map_location=map_location)
+        path = source / CHECKPOINT
+    payload = load_checkpoint(path)
     if not isinstance(payload.get("model"), dict) or not isinstance(payload.get("model_meta"), dict):
         raise CheckpointError(f"checkpoint {path} holds no model weights; restore it from a copy or retrain")
-    meta = payload["model_meta"]
-    model = build_model(cfg.model, input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"])
+    return config, payload["model"], payload["model_meta"], path
+
+
+def load_state(model: torch.nn.Module, state: dict, path: Path, name: str) -> None:
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"weights in {path} do not fit model {cfg.model.name} "
+        raise CheckpointError(f"weights in {path} do not fit model {name} "
                               f"({str(e).splitlines()[0][:200]}); the config and checkpoint disagree") from None
-    return cfg, model.eval()
+
+
+def load_run(run_dir: Path, *, weights: str = "tested", map_location: str | torch.device = "cpu"):
+    """Rebuild (config, model) from a run folder or its ``model.safetensors``. ``weights``:
+    'tested' (the best validation epoch) or 'last' (checkpoint.pt). Returns the model in eval
+    mode on ``map_location``."""
+    from .config import config_from_dict
+    from .models import build_model, list_models
+
+    config, state, meta, path = load_weights(Path(run_dir), weights=weights)
+    cfg = config_from_dict(config)
+    if cfg.model.name not in list_models():
+        raise CheckpointError(f"{path} holds a model built in Python ({cfg.model.name!r}), not one of the registry; "
+                              f"build it again and load the weights with ccl_repr.load({str(run_dir)!r}, model=...)")
+    model = build_model(cfg.model, input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"])
+    load_state(model, state, path, cfg.model.name)
+    return cfg, model.to(map_location).eval()
+
+
+def read_preprocess(run_dir: Path, meta: dict | None = None) -> dict:
+    """The preprocessing record of a run: ``meta["preprocess"]`` (checkpoints, safetensors) or the
+    run folder's preprocess.json."""
+    if meta is not None and isinstance(meta.get("preprocess"), dict):
+        return meta["preprocess"]
+    path = Path(run_dir) / PREPROCESS
+    if not path.exists():
+        raise CheckpointError(f"{run_dir} records no preprocessing (no {PREPROCESS}; trained by an older "
+                              f"ccl-repr); retrain it to use raw images, or standardise inputs yourself")
+    return read_json(path)

@@ -22,7 +22,17 @@ import yaml
 from .errors import ConfigError
 
 METHODS = ("ccl", "bp")
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _recipes_dir() -> Path:
+    """The bundled recipes: package data of an installed wheel (pyproject.toml maps the
+    repository's recipes/ to ccl_repr/recipes at build time), else the checkout's recipes/
+    (source tree and editable installs)."""
+    packaged = Path(__file__).resolve().parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
@@ -43,9 +53,12 @@ class DataConfig:
     normalize: bool = _opt(True, doc="standardise with per-channel mean/std of the training split")
     augment: bool = _opt(False, doc="random crop (pad 4) + horizontal flip, on device tensors")
     pad_to: int = _opt(0, lo=0, doc="zero-pad images to this square size (e.g. 28 -> 32); 0 = off")
-    image_size: int = _opt(0, lo=0, doc="ImageFolder only: resize images to this square size")
-    train_subset: int = _opt(0, lo=0, doc="use only the first N training samples (0 = all)")
-    test_subset: int = _opt(0, lo=0, doc="use only the first N test samples (0 = all)")
+    image_size: int = _opt(0, lo=0, doc="ImageFolder only: resize images to this square size (0 = keep; "
+                                        "then all images must have one size)")
+    cache_dir: str = _opt("auto", doc="ImageFolder only: where decoded images are cached; auto = "
+                                      "$XDG_CACHE_HOME/ccl_repr or ~/.cache/ccl_repr; \"\" or off = no cache")
+    train_subset: int = _opt(0, lo=0, doc="use N training samples, class-stratified, the same for every seed (0 = all)")
+    test_subset: int = _opt(0, lo=0, doc="use N test samples, class-stratified, the same for every seed (0 = all)")
 
 
 @dataclass
@@ -57,7 +70,10 @@ class ModelConfig:
     bias: bool = _opt(False)
     norm: str = _opt("none", choices=("none", "pre", "post"), doc="batch norm before/after each projection")
     norm_affine: bool = _opt(True, doc="learnable batch-norm scale and shift")
-    init: str = _opt("default", choices=("default", "orthogonal"))
+    init: str = _opt("default", choices=("default", "orthogonal", "orthogonal_bn"),
+                     doc="orthogonal: + the published AE scaling (decoder forward / encoder feedback x0.001, "
+                         "outermost 0); orthogonal_bn: the same, but projections a batch norm follows keep "
+                         "their scale (x0.001 leaves them below the norm's eps)")
 
 
 @dataclass
@@ -68,9 +84,13 @@ class LossConfig:
                         doc="feed G the C x C identity (prototypes) or one one-hot per sample")
     scale: float = _opt(128.0, lo=0.0, doc="multiplier of the layer-pair term (published MLP: 0.5*256)")
     anti_collapse: float = _opt(0.5, lo=0.0, doc="weight of the (Â Â^T - I)^2 and (B̂ B̂^T - I)^2 terms")
-    flooding: float = _opt(0.0, lo=0.0, hi=1.0, doc="mask samples whose true-class prob is within this of 1")
+    flooding: float = _opt(0.0, lo=0.0, hi=1.0,
+                           doc="mask (at every pair) samples whose true-class prob is within this of 1; 0 = off "
+                               "(published code: margin 0.1, i.e. mask above 0.9)")
     ae_form: str = _opt("mse", choices=("mse", "weighted"),
                         doc="AE pairs: plain MSE, or the published H-weighted MSE + spatially normalised MSE")
+    ae_anti_collapse: float = _opt(0.0, lo=0.0, doc="AE inner pairs: weight of the anti-collapse term on each "
+                                                    "side's batch-centred code; 0 = off")
 
 
 @dataclass
@@ -87,7 +107,10 @@ class NetOptimConfig:
 class OptimConfig:
     forward: NetOptimConfig = field(default_factory=NetOptimConfig)
     feedback: NetOptimConfig = field(default_factory=NetOptimConfig)
-    warmup_steps: int = _opt(0, lo=0, doc="linear learning-rate warm-up")
+    warmup_steps: int = _opt(0, lo=0, doc="linear warm-up over this many steps (see warmup_mode)")
+    warmup_mode: str = _opt("lr", choices=("lr", "loss"),
+                            doc="lr: scale the learning rate after clipping; loss (published code): scale the "
+                                "gradients by (step+1)/warmup_steps before centralisation and clipping")
     schedule: str = _opt("constant", choices=("constant", "cosine"))
     min_lr: float = _opt(0.0, lo=0.0, doc="cosine floor (eta_min)")
     centralize: bool = _opt(False, doc="gradient centralisation of weight gradients")
@@ -99,8 +122,12 @@ class TrainConfig:
     batch_size: int = _opt(256, lo=1)
     eval_batch_size: int = _opt(2048, lo=1)
     num_threads: int = _opt(0, lo=0, doc="torch CPU threads; 0 = torch's default")
-    progress: bool = _opt(True, doc="tqdm progress bar")
+    progress: bool = _opt(True, doc="per-step bar on a terminal, else one line per epoch on stderr; false = silent")
+    tensorboard: bool = _opt(False, doc="also write TensorBoard event files under RUN_DIR/tensorboard (pip install tensorboard)")
     checkpoint_every: int = _opt(1, lo=0, doc="write the resumable checkpoint every N epochs; 0 = only at the end")
+    select: str = _opt("val_accuracy", choices=("val_accuracy", "val_loss"),
+                   doc="classifiers: test the epoch of the best validation accuracy or of the lowest "
+                       "validation cross-entropy (published code); autoencoders: lowest val MSE either way")
     layerwise: bool = _opt(False, doc="CCL only: backpropagate each pair loss as soon as it exists (memory flat in depth)")
     compile: bool = _opt(False, doc="torch.compile the loss computation (summed step only)")
     compile_backend: str = _opt("inductor", choices=("inductor", "aot_eager", "eager"))
@@ -167,7 +194,9 @@ def _coerce(value: Any, tp: Any, key: str, example: Any = None) -> Any:
             raise ConfigError(f"{key}: expected a finite number, got {value!r}{hint}")
         return number
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads a bare on/off (yes/no, true/false) as a boolean
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
@@ -266,9 +295,14 @@ def list_recipes() -> list[str]:
 def load_recipe(recipe: str) -> dict:
     path = resolve_recipe_path(recipe)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                          f"save it as a UTF-8 YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path} ({e.strerror}); check the path and its permissions") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping of config sections")
     raw.setdefault("recipe", path.stem)

@@ -2,17 +2,19 @@
 
 Sources: scikit-learn's bundled digits (the embedded default, no download), torchvision's
 MNIST, FashionMNIST, CIFAR10, CIFAR100 and STL10 (real torchvision classes; ``download`` for
-users with internet), and any ImageFolder tree. Every split is decoded once into a float
-tensor (N, C, H, W) in [0, 1], optionally zero-padded, standardised with per-channel statistics
-of the training split, and kept on the training device; batches are index slices and
-augmentation (random crop + flip) runs on tensors, so there is no per-sample Python work.
+users with internet), and any ImageFolder tree (:mod:`ccl_repr.imagefolder`: decoded in
+parallel, cached on disk). Every split is decoded once into a float tensor (N, C, H, W) in
+[0, 1], optionally subset (class-stratified, :mod:`ccl_repr.splits`) and zero-padded,
+standardised with per-channel statistics of the training split, and kept on the training
+device; batches are index slices and augmentation (random crop + flip) runs on tensors, so
+there is no per-sample Python work. ``DataBundle.classes`` names the classes in label order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +23,10 @@ from einops import rearrange
 from torch import Tensor
 
 from .config import DataConfig
+from .download import fetching
 from .errors import ConfigError, DataError
+from .imagefolder import load_imagefolder, resolve_cache_dir
+from .splits import check_splits, stratified_sample
 
 # name -> (torchvision class name, folder under root that torchvision expects, num classes)
 TORCHVISION = {
@@ -52,6 +57,12 @@ class DataBundle:
     num_classes: int
     mean: Tensor  # per-channel statistics used to standardise (zeros/ones when off)
     std: Tensor
+    raw_shape: tuple[int, ...] = ()  # (C, H, W) of one image before padding (see ccl_repr.preprocess)
+    classes: list[str] = field(default_factory=list)  # class names in label order ("0".."C-1" when unnamed)
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            self.classes = [str(i) for i in range(self.num_classes)]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -63,7 +74,7 @@ class DataBundle:
 
 # --------------------------------------------------------------------------- raw sources
 
-def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -72,115 +83,120 @@ def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     y = torch.from_numpy(d.target.astype(np.int64))
     # A fixed, stratified 80/20 test split so every run and seed is scored on the same 360 images.
     tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=d.target)
-    return x[tr], y[tr], x[te], y[te], 10
+    return x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)]
 
 
-def _to_float(images: np.ndarray | Tensor, layout: str) -> Tensor:
+def _nchw(images: np.ndarray | Tensor, layout: str) -> Tensor:
+    """uint8 images as (N, C, H, W); they become floats only after subsetting and splitting."""
     t = torch.as_tensor(np.asarray(images))
-    t = rearrange(t, f"{layout} -> n c h w") if layout != "n c h w" else t
-    return t.float().div_(255.0)
+    return rearrange(t, f"{layout} -> n c h w") if layout != "n c h w" else t
 
 
-def _torchvision(name: str, root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+def _unit_float(x: Tensor) -> Tensor:
+    """A new float32 tensor in [0, 1] (uint8 scaled by 1/255); never the caller's tensor."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
+
+
+def _torchvision(name: str, root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
     import torchvision.datasets as tvd
 
     cls_name, folder, num_classes = TORCHVISION[name]
     cls = getattr(tvd, cls_name)
     try:
-        if name == "stl10":
-            train, test = cls(root, split="train", download=download), cls(root, split="test", download=download)
-        else:
-            train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
+        with fetching(cls_name, Path(root), folder, enabled=download):  # a failed download: its cause, no leftovers
+            if name == "stl10":
+                train, test = cls(root, split="train", download=download), cls(root, split="test", download=download)
+            else:
+                train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
     except (RuntimeError, FileNotFoundError, OSError) as e:
+        images = (Path(root) / "train").is_dir()  # e.g. CIFAR-10 as JPEGs: read it as an image folder
         raise DataError(f"{cls_name} not found: expected torchvision's files under {Path(root) / folder} "
                         f"({str(e).splitlines()[0]}); pass --data-root DIR for the folder holding "
-                        f"{folder.split('/')[0]}/, or --set data.download=true to fetch it (needs internet)") from None
+                        f"{folder.split('/')[0]}/, or --set data.download=true to fetch it (needs internet)"
+                        + (f", or --set data.name=imagefolder to read {root} as an image folder" if images else "")
+                        ) from None
 
     def split(ds) -> tuple[Tensor, Tensor]:
         if name in ("mnist", "fashionmnist"):
-            return _to_float(ds.data[:, None], "n c h w"), torch.as_tensor(ds.targets).long()
+            return _nchw(ds.data[:, None], "n c h w"), torch.as_tensor(ds.targets).long()
         if name == "stl10":
-            return _to_float(ds.data, "n c h w"), torch.as_tensor(ds.labels).long()
-        return _to_float(ds.data, "n h w c"), torch.as_tensor(ds.targets).long()
+            return _nchw(ds.data, "n c h w"), torch.as_tensor(ds.labels).long()
+        return _nchw(ds.data, "n h w c"), torch.as_tensor(ds.targets).long()
 
-    return (*split(train), *split(test), num_classes)
+    classes = [str(c) for c in getattr(train, "classes", None) or range(num_classes)]
+    return (*split(train), *split(test), classes)
 
 
-def _imagefolder(root: str, image_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    import torchvision.datasets as tvd
-    import torchvision.transforms as T
-
-    base = Path(root)
-    tf = [T.Resize((image_size, image_size))] if image_size else []
-    tf = T.Compose(tf + [T.ToTensor()])
-
-    def load(path: Path) -> tuple[Tensor, Tensor, list[str]]:
-        try:
-            ds = tvd.ImageFolder(str(path), transform=tf)
-        except (FileNotFoundError, OSError) as e:
-            raise DataError(f"no ImageFolder tree at {path} ({e}); expected {path}/<class>/<image> files; "
-                            f"set --data-root to that folder") from None
-        try:
-            xs, ys = zip(*(ds[i] for i in range(len(ds))))
-            return torch.stack(xs), torch.tensor(ys), ds.classes
-        except RuntimeError as e:
-            raise DataError(f"images under {path} differ in size ({e}); set data.image_size=N to resize") from None
-
-    if (base / "train").is_dir():
-        xtr, ytr, classes = load(base / "train")
-        test_dir = base / "test" if (base / "test").is_dir() else base / "val"
-        xte, yte, classes_te = load(test_dir)
-        if classes_te != classes:
-            raise DataError(f"class folders of {base / 'train'} and {test_dir} differ; make them the same")
-        return xtr, ytr, xte, yte, len(classes)
-    x, y, classes = load(base)
-    gen = torch.Generator().manual_seed(0)  # fixed 80/20 test split, as for digits
-    perm = torch.randperm(len(y), generator=gen)
-    n_test = max(1, len(y) // 5)
-    return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]], len(classes)
+def _imagefolder(cfg: DataConfig, progress: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    return load_imagefolder(cfg.root, image_size=cfg.image_size, progress=progress,
+                            cache_dir=resolve_cache_dir(cfg.cache_dir))
 
 
 # --------------------------------------------------------------------------- assembly
 
-def load_data(cfg: DataConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> DataBundle:
+def load_data(cfg: DataConfig, *, device: torch.device | str = "cpu", seed: int = 0,
+              progress: bool = True) -> DataBundle:
+    """The dataset ``cfg`` names as a DataBundle; ``progress``: the image-folder decoding bar
+    (shown on a terminal only)."""
     name = cfg.name.lower()
     if name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {cfg.name!r}; choose one of {', '.join(DATASETS)}")
     if name == "digits":
-        xtr, ytr, xte, yte, c = _digits()
+        xtr, ytr, xte, yte, classes = _digits()
     elif name == "imagefolder":
-        xtr, ytr, xte, yte, c = _imagefolder(cfg.root, cfg.image_size)
+        xtr, ytr, xte, yte, classes = _imagefolder(cfg, progress)
     else:
-        xtr, ytr, xte, yte, c = _torchvision(name, cfg.root, cfg.download)
-    check_labels(name, c, train=ytr, test=yte)
+        xtr, ytr, xte, yte, classes = _torchvision(name, cfg.root, cfg.download)
+    check_labels(name, len(classes), train=ytr, test=yte)
+    return make_bundle(name, (xtr, ytr), (xte, yte), len(classes), cfg, device=device, seed=seed, classes=classes)
+
+
+def make_bundle(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int,
+                cfg: DataConfig, *, device: torch.device | str = "cpu", seed: int = 0,
+                classes: Sequence[str] | None = None) -> DataBundle:
+    """Subset, pad, seeded validation split and per-channel standardisation of (N, C, H, W) images,
+    uint8 (0..255) or floats in [0, 1]: the one assembly behind every source, the bundled ones and a
+    user's own tensors. Indexing runs on the raw images, so uint8 sources are copied as bytes.
+    ``classes`` names the classes in label order (default "0".."C-1"). Subsets are class-stratified
+    and fixed across run seeds (:mod:`ccl_repr.splits`); degenerate splits are refused."""
+    (xtr, ytr), (xte, yte), c = train, test, num_classes
+    classes = [str(n) for n in classes] if classes else [str(i) for i in range(c)]
+    if len(classes) != c:
+        raise DataError(f"{name}: {len(classes)} class names for {c} classes; give one name per class")
+    raw_shape = tuple(xtr.shape[1:])
     if cfg.train_subset:
-        xtr, ytr = xtr[: cfg.train_subset], ytr[: cfg.train_subset]
+        keep = stratified_sample(ytr, cfg.train_subset)
+        xtr, ytr = xtr[keep], ytr[keep]
     if cfg.test_subset:
-        xte, yte = xte[: cfg.test_subset], yte[: cfg.test_subset]
+        keep = stratified_sample(yte, cfg.test_subset)
+        xte, yte = xte[keep], yte[keep]
     if cfg.pad_to:
         xtr, xte = pad_to(xtr, cfg.pad_to), pad_to(xte, cfg.pad_to)
 
-    # Validation split drawn with the run's seed (recorded in the run folder).
-    perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed))
+    # Validation split: class-stratified, drawn with the run's seed (recorded in the run folder),
+    # never taking a class's last training sample.
     n_val = int(round(cfg.val_fraction * len(ytr)))
     if len(ytr) - n_val < 1:
         raise DataError(f"only {len(ytr)} training samples; lower data.val_fraction or raise data.train_subset")
-    val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    xval, yval, xtr, ytr = xtr[val_idx], ytr[val_idx], xtr[tr_idx], ytr[tr_idx]
+    in_val = torch.zeros(len(ytr), dtype=torch.bool)
+    in_val[stratified_sample(ytr, n_val, seed=seed, reserve=1)] = True
+    xval, yval, xtr, ytr = xtr[in_val], ytr[in_val], xtr[~in_val], ytr[~in_val]
+    check_splits(classes, train=ytr, val=yval, test=yte)
 
+    xtr, xval, xte = _unit_float(xtr), _unit_float(xval), _unit_float(xte)
     channels = xtr.shape[1]
     if cfg.normalize:
-        mean = xtr.mean(dim=(0, 2, 3))
-        std = xtr.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        std, mean = torch.std_mean(xtr, dim=(0, 2, 3))  # one pass over the training images
+        std = std.clamp_min(1e-6)
     else:
         mean, std = torch.zeros(channels), torch.ones(channels)
 
-    def prep(x: Tensor, y: Tensor) -> Split:
-        x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    def prep(x: Tensor, y: Tensor) -> Split:  # in place: x is already this function's own copy
+        x = x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
         return Split(x.to(device).contiguous(), y.to(device))
 
     return DataBundle(name=name, train=prep(xtr, ytr), val=prep(xval, yval), test=prep(xte, yte),
-                      num_classes=c, mean=mean, std=std)
+                      num_classes=c, mean=mean, std=std, raw_shape=raw_shape, classes=classes)
 
 
 def check_labels(name: str, num_classes: int, **splits: Tensor) -> None:

@@ -31,3 +31,7 @@ class CheckpointError(UserError):
 
 class DivergenceError(UserError):
     """Training produced a non-finite loss or parameter."""
+
+
+class DependencyError(UserError):
+    """An optional package that a requested feature needs is not installed."""

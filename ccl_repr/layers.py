@@ -93,7 +93,7 @@ class DualLayer(nn.Module):
 
     def init_weights(self, scheme: str) -> None:
         for proj in self.projections():
-            if scheme == "orthogonal":
+            if scheme.startswith("orthogonal"):  # orthogonal, orthogonal_bn (autoencoders.published_init_)
                 nn.init.orthogonal_(proj.weight)
             if proj.bias is not None:  # published code: biases start at zero
                 nn.init.zeros_(proj.bias)

@@ -33,10 +33,14 @@ def normalized_pair_loss(a: Tensor, b: Tensor, y: Tensor, *, scale: float, anti_
     b_hat = F.normalize(b.flatten(1), dim=1, eps=1e-8)
     loss = F.mse_loss(a_hat @ b_hat.T, y) * scale
     if anti_collapse > 0:
-        eye_a = torch.eye(a_hat.shape[0], device=a.device, dtype=a_hat.dtype)
-        eye_b = torch.eye(b_hat.shape[0], device=b.device, dtype=b_hat.dtype)
-        loss = loss + anti_collapse * (F.mse_loss(a_hat @ a_hat.T, eye_a) + F.mse_loss(b_hat @ b_hat.T, eye_b))
+        loss = loss + anti_collapse * (gram_to_identity(a_hat) + gram_to_identity(b_hat))
     return loss
+
+
+def gram_to_identity(rows: Tensor) -> Tensor:
+    """mean((R R^T - I)^2) for rows already at unit norm: the published anti-collapse term."""
+    eye = torch.eye(rows.shape[0], device=rows.device, dtype=rows.dtype)
+    return F.mse_loss(rows @ rows.T, eye)
 
 
 def classification_pair_loss(a: Tensor, b: Tensor, y: Tensor, *, form: str, scale: float,
@@ -50,10 +54,11 @@ def classification_pair_loss(a: Tensor, b: Tensor, y: Tensor, *, form: str, scal
 
 def flooding_mask(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
     """1 for samples still to learn, 0 for those whose true-class probability is within
-    ``threshold`` of 1 (spec §3 'flooding'). Computed without gradient."""
+    ``threshold`` of 1, i.e. 1 - p < threshold (paper §3 'flooding'; the published code masks
+    with a hard-coded margin of 0.1: p > 0.9). Computed without gradient."""
     with torch.no_grad():
-        p_true = logits.softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
-        return (p_true < 1.0 - threshold).to(logits.dtype)
+        p_true = logits.float().softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
+        return (1.0 - p_true >= threshold).to(logits.dtype)
 
 
 def masked_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -63,10 +68,29 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor | None = N
     return (per * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def ae_pair_loss(a: Tensor, b: Tensor, *, form: str = "mse", inner: bool = False) -> Tensor:
+def ae_pair_loss(a: Tensor, b: Tensor, *, form: str = "mse", inner: bool = False,
+                 anti_collapse: float = 0.0) -> Tensor:
     """Autoencoder pair loss. ``mse``: plain MSE. ``weighted`` (published conv-AE code): MSE times
     the feature map's height H, plus for inner pairs an MSE between the maps after centring each
-    channel over space and L2-normalising over space, also times H."""
+    channel over space and L2-normalising over space, also times H.
+
+    ``anti_collapse`` > 0 adds, on inner pairs, the published CNN's anti-collapse term to each
+    side (paper §3 / its code: mean((Â Â^T - I)^2)), on codes centred over the batch first (ReLU
+    codes are non-negative: uncentred, orthogonal rows would need disjoint supports). Without
+    it, an MSE between two batch-normed codes is smallest when every unit of both codes follows
+    the same few directions that F and G agree on most easily, and the codes lose the image
+    (docs/results_ae.md). Each term depends on one side's code only, so it trains that side's
+    layer alone: the update stays local."""
+    loss = _ae_pair_mse(a, b, form=form, inner=inner)
+    if inner and anti_collapse > 0:
+        def spread(t: Tensor) -> Tensor:
+            flat = t.flatten(1)
+            return gram_to_identity(F.normalize(flat - flat.mean(0, keepdim=True), dim=1, eps=1e-8))
+        loss = loss + anti_collapse * (spread(a) + spread(b))
+    return loss
+
+
+def _ae_pair_mse(a: Tensor, b: Tensor, *, form: str, inner: bool) -> Tensor:
     if form == "mse":
         return F.mse_loss(a, b)
     if form != "weighted":

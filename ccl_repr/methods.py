@@ -10,8 +10,9 @@ losses detached; the train loop then reduces gradients across ranks (DDP) and st
 ``layerwise=True`` CCL backpropagates each pair loss as soon as the pair exists, so the forward
 network's activations are freed layer by layer and peak memory stays flat in depth.
 
-:class:`Optimizers` owns one SGD per network (forward, feedback), warm-up/cosine schedules,
-gradient centralisation and per-network or per-layer grad-norm clipping.
+:class:`Optimizers` owns one SGD per network (forward, feedback), warm-up (of the learning
+rate, or of the loss as in the published code) and cosine schedules, gradient centralisation
+and per-network or per-layer grad-norm clipping.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class CCL:
             last = len(model.layers)
             for l in model.pair_indices(include_output=True):
                 out[f"pair/{model.layer_names[l]}"] = ae_pair_loss(a[l], b[l], form=cfg.ae_form,
-                                                                   inner=0 < l < last)
+                                                                   inner=0 < l < last,
+                                                                   anti_collapse=cfg.ae_anti_collapse)
             return out
         assert model.num_classes is not None
         logits = a[-1]
@@ -115,7 +117,8 @@ class CCL:
                 continue
             with self.autocast():
                 bl = _feedback_with_graph(model, b, l)
-                loss = (ae_pair_loss(a, bl, form=cfg.ae_form, inner=0 < l < n) if reconstruct
+                loss = (ae_pair_loss(a, bl, form=cfg.ae_form, inner=0 < l < n,
+                                     anti_collapse=cfg.ae_anti_collapse) if reconstruct
                         else self._class_pair(a, bl, y_match, mask))
             apply(f"pair/{model.layer_names[l]}", loss)
         if not reconstruct:
@@ -226,16 +229,34 @@ class Optimizers:
                 continue
             opt = make_sgd(params, lr=ncfg.lr, momentum=ncfg.momentum, weight_decay=ncfg.weight_decay)
             ratio = cfg.min_lr / ncfg.lr if ncfg.lr > 0 else 0.0
+            # Loss-mode warm-up leaves the learning rate alone: the cosine then spans every step
+            # from the first, as the published per-epoch cosine does.
+            lr_warmup = cfg.warmup_steps if cfg.warmup_mode == "lr" else 0
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, r=ratio: lr_factor(
-                s, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, min_ratio=min(1.0, r)))
+                s, total=total_steps, warmup=lr_warmup, schedule=cfg.schedule, min_ratio=min(1.0, r)))
             self.nets[net] = (ncfg, opt, sched)
 
     def zero_grad(self) -> None:
         for _, opt, _ in self.nets.values():
             opt.zero_grad(set_to_none=True)
 
+    def gradient_scale(self, step: int) -> float:
+        """Loss-mode warm-up (published code): the loss of step ``step`` (0-based) is multiplied by
+        (step+1)/warmup_steps, so its gradients are, before centralisation and clipping. A clip that
+        binds undoes it; the momentum buffer takes the scaled gradient, weight decay is not scaled.
+        1.0 in lr mode."""
+        warmup = self.cfg.warmup_steps
+        if self.cfg.warmup_mode != "loss" or warmup <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / warmup)
+
     def clip_and_step(self) -> None:
         for net, (ncfg, opt, sched) in self.nets.items():
+            scale = self.gradient_scale(sched.last_epoch)  # the scheduler's count of steps taken: resumes with it
+            if scale != 1.0:
+                for p in self.params[net]:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
             if self.cfg.centralize:
                 centralize_gradients(self.params[net])
             if ncfg.clip > 0:

@@ -1,4 +1,4 @@
-"""Pictures written into a run folder: reconstruction grids and per-pair training curves.
+"""Pictures written into a run folder: reconstruction grids and training curves.
 
 matplotlib is imported only when a picture is drawn, and only its object-oriented API with the
 Agg canvas is used (no pyplot state, no display needed). Pixel values are shown on the [0, 1]
@@ -7,7 +7,6 @@ scale: standardised inputs are mapped back with the data bundle's statistics bef
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -66,43 +65,71 @@ def save_reconstruction_grid(rows: dict[str, Tensor], path: Path, *, title: str 
     return Path(path)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def _curve_panels(metrics: list[dict]) -> dict[str, list[str]]:
+    """Which metrics go in which panel: losses (every layer pair's or the task's, train mean
+    and validation), the task's quality (accuracy, train if logged and validation; or
+    reconstruction MSE), and the learning rate of each network."""
+    keys = list(dict.fromkeys(k for row in metrics for k in row))
+    quality = [k for k in keys if k.endswith(("/accuracy", "/mse")) and k.startswith(("train/", "val/"))]
+    losses = [k for k in keys if k.startswith(("train/", "val/")) and k not in quality]
+    return {"loss": losses, "quality": quality, "learning rate": [k for k in keys if k.startswith("lr/")]}
+
+
+def _plot_panel(ax, metrics: list[dict], keys: list[str], *, ylabel: str, log: bool) -> None:
+    epochs = [row["epoch"] for row in metrics]
+    for key in keys:
+        values = [row.get(key, float("nan")) for row in metrics]
+        ax.plot(epochs, values, label=key.replace("pair/", "pair "), marker="." if len(epochs) < 30 else None,
+                linestyle="--" if key.startswith("val/") else "-")
+    values = [row[k] for row in metrics for k in keys if isinstance(row.get(k), (int, float))]
+    if log and values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
+    ax.set_ylabel(ylabel)
+    if keys:
+        ax.legend(fontsize=7, ncol=1 + len(keys) // 6)
+    ax.grid(alpha=0.3)
 
 
 def save_training_curves(metrics: list[dict], path: Path, *, title: str = "") -> Path:
-    """Training loss of every layer pair (``train/pair/*``, or the task loss) and the validation
-    metric, per epoch, on a log scale."""
-    fig = _figure(7.0, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    epochs = [row["epoch"] for row in metrics]
-    keys = [k for k in (metrics[0] if metrics else {}) if k.startswith(("train/", "val/"))]
-    for key in keys:
-        values = [row.get(key, float("nan")) for row in metrics]
-        ax.plot(epochs, values, label=key.replace("train/", "").replace("pair/", "pair "),
-                linestyle="--" if key.startswith("val/") else "-", marker="." if len(epochs) < 30 else None)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("train: mean loss over the epoch; val: MSE")
-    if keys and all(row.get(k, 1.0) > 0 for row in metrics for k in keys):
-        ax.set_yscale("log")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    """Three panels per epoch: every loss (train: mean over the epoch, solid; validation:
+    dashed; log scale), accuracy (train if logged, validation) or reconstruction MSE, and each
+    network's learning rate."""
+    panels = _curve_panels(metrics)
+    quality = panels["quality"]
+    fig = _figure(13.0, 4.0)
+    axes = fig.subplots(1, 3)
+    _plot_panel(axes[0], metrics, panels["loss"], ylabel="loss", log=True)
+    _plot_panel(axes[1], metrics, quality, log=not any(k.endswith("accuracy") for k in quality),
+                ylabel="accuracy" if any(k.endswith("accuracy") for k in quality) else "MSE ([0, 1] pixels)")
+    _plot_panel(axes[2], metrics, panels["learning rate"], ylabel="learning rate", log=False)
     if title:
-        ax.set_title(title, fontsize=9)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)
 
 
+def write_training_curves(out_dir: Path | str, *, title: str = "") -> str | None:
+    """``training_curves.png`` of a run folder from its ``metrics.jsonl``; returns the file name
+    (None when no epoch has been logged)."""
+    from .checkpoint import METRICS, read_jsonl
+
+    out = Path(out_dir)
+    rows = read_jsonl(out / METRICS)
+    if not rows:
+        return None
+    return save_training_curves(rows, out / CURVES, title=title).name
+
+
 def write_ae_figures(out_dir: Path | str, model: DualNetwork, bundle: DataBundle, *, method: str,
-                     n_images: int = 16, metrics_file: str = "metrics.jsonl") -> list[str]:
-    """The autoencoder pictures of a run folder (issue 3): test targets with their reconstructions,
-    and the per-pair training curves from ``metrics.jsonl``. Returns the written file names."""
+                     n_images: int = 16) -> list[str]:
+    """The autoencoder picture of a run folder: test targets with their reconstructions (the
+    training curves of every run: :func:`write_training_curves`). Returns the written file names."""
     out = Path(out_dir)
     label = f"{method} {model.name} on {bundle.name}"
     rows = reconstruction_rows(model, bundle.test.x[:n_images], denormalize=bundle.denormalize,
                                with_feedback=method == "ccl")
     written = [save_reconstruction_grid(rows, out / RECONSTRUCTIONS, title=f"{label}: test images")]
-    if (out / metrics_file).exists():
-        written.append(save_training_curves(read_metrics(out / metrics_file), out / CURVES, title=label))
     return [p.name for p in written]

@@ -8,6 +8,7 @@ synchronisation per step). The weights of the best validation epoch are tested a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from . import distributed, fastpath
+from . import distributed, fastpath, tblog
 from .fastpath import resolve_device
 from .config import Config
 from .data import DataBundle, Split, batches, load_data, shuffle_order
@@ -28,6 +29,9 @@ from .errors import CheckpointError, DivergenceError
 from .guard import CHECK_EVERY, DivergenceGuard, Interrupted, StopRequest
 from .methods import Optimizers, make_method
 from .models import DualNetwork, build_model
+from .preprocess import Preprocess
+from .progress import Progress
+from .resources import peak_memory
 
 StepHook = Callable[..., "dict[str, Any] | None"]
 DIAGNOSTICS = ckpt.DIAGNOSTICS
@@ -96,14 +100,25 @@ def _restore(state: dict, model: DualNetwork, optim: Optimizers, shuffle: torch.
                               f"folder's original files or start a new run with --out") from None
 
 
-def _better(task: str, new: dict, best: dict | None) -> bool:
+def selection_metric(task: str, select: str) -> str:
+    """The validation metric that picks the tested epoch: ``val_accuracy`` (highest) or
+    ``val_loss`` (lowest cross-entropy, as the published code) for classifiers; ``val_mse``
+    (lowest) for autoencoders whatever ``train.select`` says."""
+    return select if task == "classify" else "val_mse"
+
+
+def _better(metric: str, new: dict, best: dict | None) -> bool:
     if best is None:
         return True
-    return new["accuracy"] > best["accuracy"] if task == "classify" else new["mse"] < best["mse"]
+    if metric == "val_accuracy":
+        return new["accuracy"] > best["accuracy"]
+    key = {"val_loss": "loss", "val_mse": "mse"}[metric]
+    return new[key] < best[key]
 
 
 def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: bool = False,
-          log: Callable[[str], None] = print, hooks: Sequence[StepHook] = ()) -> dict:
+          log: Callable[[str], None] = print, hooks: Sequence[StepHook] = (),
+          model: DualNetwork | None = None, data: DataBundle | None = None) -> dict:
     """Train ``cfg`` into ``out_dir`` and return the summary (also written as summary.json).
 
     ``hooks`` are called after every optimiser step as ``hook(step=, epoch=, model=, x=, y=,
@@ -111,6 +126,10 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     train/eval mode as it found it, and may return a dict that is appended, with the step, to
     ``diagnostics.jsonl`` in the run folder. This is how evaluations (which the core does not
     import) are logged during training.
+
+    ``model`` (a freshly built DualNetwork, e.g. of the user's own DualLayers) and ``data`` (a
+    DataBundle, e.g. from :func:`ccl_repr.data.make_bundle` on the user's tensors) replace the
+    ones ``cfg.model`` and ``cfg.data`` would build; :mod:`ccl_repr.api` passes them.
 
     ``resume=True`` continues ``out_dir`` from its checkpoint and ends as the uninterrupted run
     would (bit-for-bit on CPU; metrics rows and diagnostics written after the checkpoint are
@@ -126,6 +145,8 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     else:
         ckpt.check_run_dir(out, overwrite=overwrite)  # refuse before any time is spent on data
         state = None
+    if cfg.train.tensorboard:
+        tblog.require()  # a missing package is named before any time is spent on data
     device = resolve_device(cfg.device)
     ddp = distributed.setup(device)  # under torchrun: join the group, pin this rank's GPU
     if state is not None and state["device"] != device.type:
@@ -135,8 +156,11 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.seed)
 
-    bundle = load_data(cfg.data, device=device, seed=cfg.seed)
-    model = build_model(cfg.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes).to(device)
+    bundle = (load_data(cfg.data, device=device, seed=cfg.seed, progress=cfg.train.progress and ddp.is_main)
+              if data is None else _on_device(data, device))
+    if model is None:
+        model = build_model(cfg.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
+    model = model.to(device)
     method = make_method(cfg)
     method.prepare(model)
     fastpath.apply(model, method, cfg.train, device, bundle)
@@ -145,7 +169,9 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     optim = Optimizers(model, cfg.optim, total_steps=cfg.train.epochs * steps_per_epoch)
     shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
     aug = torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.data.augment else None
-    meta = {"input_shape": list(bundle.input_shape), "num_classes": bundle.num_classes, "task": model.task}
+    meta = {"input_shape": list(bundle.input_shape), "num_classes": bundle.num_classes, "classes": bundle.classes,
+            "task": model.task,
+            "preprocess": Preprocess.from_bundle(bundle, pad=cfg.data.pad_to).to_dict()}
 
     start_epoch, step, best, best_epoch, best_state, elapsed = 0, 0, None, -1, None, 0.0
     rows: list[dict] = []  # metrics rows so far; the checkpoint holds them
@@ -167,6 +193,7 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
         ckpt.prepare_run_dir(out, overwrite=overwrite)
         ckpt.write_json(out / ckpt.CONFIG, cfg.to_dict())
         ckpt.write_json(out / ckpt.VERSIONS, ckpt.versions())
+        ckpt.write_json(out / ckpt.PREPROCESS, meta["preprocess"])
     saved = (start_epoch, step) if state is not None else None  # what checkpoint.pt holds now
 
     def save_state(epoch: int, partial: dict | None = None) -> None:
@@ -192,11 +219,16 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
             "resume": f"ccl-repr train --resume {out}" if saved else None, "versions": ckpt.versions()})
 
     stop, watch = StopRequest(), DivergenceGuard(model, device)
-    progress = _progress(range(start_epoch, cfg.train.epochs), cfg, start_epoch, show=ddp.is_main)
+    progress = Progress(epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch,
+                        start_step=step, desc=f"{cfg.method} {cfg.model.name}", device=device,
+                        enabled=cfg.train.progress and ddp.is_main)  # one voice: rank 0's under torchrun
+    board = tblog.TensorBoardLog(out, resume_epoch=start_epoch if state is not None else None) \
+        if cfg.train.tensorboard and ddp.is_main else None
     model.train()
     try:
         with stop:
-            for epoch in progress:
+            for epoch in range(start_epoch, cfg.train.epochs):
+                progress.set_epoch(epoch + 1)
                 t0 = time.perf_counter()
                 if partial is not None:  # resumed mid-epoch: continue the saved permutation
                     order, done, carried = partial["order"].to(device), partial["batches"], partial["seconds"]
@@ -215,6 +247,7 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
                     n_batches += 1
                     step += 1
                     watch.observe(total, step)  # device-side; read below, where a sync happens anyway
+                    progress.step(step, sums, n_batches)  # its running loss is read without a host sync
                     for hook in hooks:
                         record = hook(step=step, epoch=epoch + 1, model=model, x=x, y=y, method=method)
                         if record:
@@ -234,7 +267,7 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
                 watch.check(step=step, epoch=epoch + 1, loss_sums=sums, last_good=last_good())
                 val = evaluate(model, bundle.val, batch_size=cfg.train.eval_batch_size, bundle=bundle) if len(bundle.val) else \
                     evaluate(model, bundle.train, batch_size=cfg.train.eval_batch_size, bundle=bundle)
-                if _better(model.task, val, best):
+                if _better(selection_metric(model.task, cfg.train.select), val, best):
                     best, best_epoch = val, epoch + 1
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 row = {"epoch": epoch + 1, "step": step, **{f"train/{k}": v for k, v in train_losses.items()},
@@ -242,8 +275,9 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
                        "epoch_seconds": step_seconds, "samples_per_second": len(bundle.train) / step_seconds}
                 rows.append(row)
                 ckpt.append_jsonl(out / ckpt.METRICS, row)
-                if hasattr(progress, "set_postfix"):
-                    progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in row.items() if k.startswith("val/")})
+                progress.epoch_end(epoch + 1, train_losses, val, step_seconds)
+                if board is not None:
+                    board.write(row)
                 every = cfg.train.checkpoint_every
                 halt = ddp.stop_agreed(stop.requested, step, boundary=True)  # same answer on every rank
                 if epoch + 1 < cfg.train.epochs and (halt or (every and (epoch + 1) % every == 0)):
@@ -258,34 +292,42 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     except KeyboardInterrupt as e:  # Interrupted (checkpoint just written) or a second Ctrl-C
         write_status("interrupted", error=str(e) or "interrupted")
         raise
+    finally:
+        progress.close()
+        if board is not None:
+            board.close()
 
     model.load_state_dict(best_state)
     ckpt.save_checkpoint(out / ckpt.MODEL, {"model": best_state, "model_meta": meta, "epoch": best_epoch,
                                             "config": cfg.to_dict()})
+    ckpt.save_safetensors(out / ckpt.SAFETENSORS, best_state, config=cfg.to_dict(), meta=meta)
     test = evaluate(model, bundle.test, batch_size=cfg.train.eval_batch_size, bundle=bundle)
     summary = {
         "method": cfg.method, "model": cfg.model.name, "dataset": bundle.name, "recipe": cfg.recipe,
         "epochs": cfg.train.epochs, "seed": cfg.seed, "device": str(device),
         **({"test_accuracy": test["accuracy"], "test_loss": test["loss"],
-            "best_val_accuracy": best["accuracy"]} if model.task == "classify" else
+            "best_val_accuracy": best["accuracy"], "best_val_loss": best["loss"]} if model.task == "classify" else
            {"test_mse": test["mse"], "best_val_mse": best["mse"]}),
+        "selected_by": selection_metric(model.task, cfg.train.select),
         "best_epoch": best_epoch, "train_seconds": elapsed,
         "samples_per_second": len(bundle.train) * cfg.train.epochs / max(elapsed, 1e-9),
         "num_train": len(bundle.train), "num_val": len(bundle.val), "num_test": len(bundle.test),
+        "classes": bundle.classes,
         "params_forward": sum(p.numel() for p in model.network_parameters("forward")),
         "params_feedback": sum(p.numel() for p in model.network_parameters("feedback")),
-        "status": "completed", "versions": ckpt.versions(),
+        **peak_memory(device), "status": "completed", "versions": ckpt.versions(),
     }
-    if model.task == "reconstruct":  # test reconstructions + per-pair training curves (PNG)
-        from .plots import write_ae_figures
-        summary["figures"] = write_ae_figures(out, model, bundle, method=cfg.method)
+    from .plots import write_ae_figures, write_training_curves  # matplotlib only when drawing
+    figures = write_ae_figures(out, model, bundle, method=cfg.method) if model.task == "reconstruct" else []
+    curves = write_training_curves(out, title=f"{cfg.method} {cfg.model.name} on {bundle.name}")
+    summary["figures"] = figures + ([curves] if curves else [])
     ckpt.write_json(out / ckpt.SUMMARY, summary)
     return summary
 
 
-def _progress(it, cfg: Config, start: int, *, show: bool = True):
-    if not (cfg.train.progress and show):  # one bar per run: rank 0's under torchrun
-        return it
-    from tqdm.auto import tqdm
-    return tqdm(it, total=cfg.train.epochs, initial=start, desc=f"{cfg.method} {cfg.model.name}",
-                unit="epoch", leave=False, dynamic_ncols=True, disable=None)
+def _on_device(bundle: DataBundle, device: torch.device) -> DataBundle:
+    """A caller's bundle on the training device (tensors already there are not copied)."""
+    splits = {k: Split(s.x.to(device), s.y.to(device)) for k, s in
+              (("train", bundle.train), ("val", bundle.val), ("test", bundle.test))}
+    return dataclasses.replace(bundle, **splits)
+

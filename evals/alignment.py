@@ -1,6 +1,6 @@
 """CCL diagnostics per layer: weight alignment and the angle between the CCL update and backprop.
 
-Weight alignment (spec §6): cosine between the forward weight U_l and the transposed feedback
+Weight alignment (the paper's analysis of U_l vs V_l^T over training): cosine between the forward weight U_l and the transposed feedback
 weight V_l^T, cos = <U_l, V_l^T>_F / (||U_l|| ||V_l||).
 - Linear layers: U_l is (out, in), V_l is (in, out); V_l^T is the plain transpose.
 - Conv layers: U_l is (c_out, c_in, k, k), V_l is (c_in, c_out, k, k). V_l^T is taken as the

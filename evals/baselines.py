@@ -8,19 +8,31 @@
   seed (default 0) and never trained, read at the same layer.
 Each baseline returns (train features, test features) and is then scored by the same probe and
 kNN as the learned features.
+
+:class:`BaselineCache` keeps the scored baselines on disk (one JSON file each), so they are fitted
+once per dataset rather than once per run: the key hashes every split's preprocessed images and
+labels (so the dataset, subset, padding and standardisation), the baseline (name, width; for
+random init the initial weights, network and layer), the scoring protocols' settings and the
+scikit-learn version. Changing any of them misses the cache; a hit returns the stored record,
+numbers identical to a refit's.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ccl_repr import checkpoint as ckpt
 from ccl_repr.models import DualNetwork, build_model
 
 from . import EvalError
+from .features import _digest
 
 BASELINES = ("pixels", "pca", "random_init")
 SEED = 0
@@ -75,3 +87,45 @@ class PCACache:
         if n not in self._cache:
             self._cache[n] = pca(*self.splits, dim=n, seed=self.seed)
         return self._cache[n]
+
+
+class BaselineCache:
+    """Scored baselines on disk, keyed by the data and everything that decides the score.
+
+    ``lookup(parts, compute)`` returns ``compute()``'s record, stored under a key hashing the
+    data (``splits``: tensors, hashed once), ``parts`` (baseline name, width, model, ...) and
+    ``settings`` (the protocols' configuration); ``hits`` and ``misses`` count the lookups.
+    ``cache_dir=None`` computes every time."""
+
+    VERSION = 1  # bump when a baseline's or a protocol's computation changes
+
+    def __init__(self, cache_dir: Path | str | None, splits: list, settings: dict) -> None:
+        from importlib import metadata
+
+        self.dir = Path(cache_dir) if cache_dir is not None else None
+        self.hits = self.misses = 0
+        if self.dir is not None:
+            self._base = _digest(self.VERSION, metadata.version("scikit-learn"),
+                                 json.dumps(settings, sort_keys=True, default=str), *splits)
+
+    def lookup(self, name: str, parts: tuple, compute: Callable[[], dict]) -> dict:
+        if self.dir is None:
+            self.misses += 1
+            return compute()
+        path = self.dir / f"{name.replace('/', '-')}-{_digest(self._base, *parts)}.json"
+        try:
+            record = json.loads(path.read_text())
+            self.hits += 1
+            return record
+        except (OSError, ValueError):  # absent or damaged: compute and store
+            pass
+        self.misses += 1
+        record = json.loads(json.dumps(compute(), default=str))  # what a later hit returns, to the last digit
+        try:
+            ckpt.write_json(path, record)
+        except OSError:  # a read-only or full cache folder costs speed, not the evaluation
+            pass
+        return record
+
+    def info(self) -> dict:
+        return {"dir": None if self.dir is None else str(self.dir), "hits": self.hits, "misses": self.misses}

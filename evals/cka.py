@@ -1,4 +1,4 @@
-"""Linear CKA between every forward layer and every feedback layer (spec §6).
+"""Linear CKA between every forward layer and every feedback layer (the paper's CKA analysis).
 
 Linear centred kernel alignment (Kornblith et al. 2019, Eq. 5 in feature space):
     CKA(X, Y) = ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F),
@@ -71,12 +71,11 @@ def cka_across(models: dict[str, DualNetwork], x: Tensor, y: Tensor | None = Non
 
 def plot_cka(results: dict[str, dict], out_png: Path | str, *, title: str = "") -> Path:
     """Heat maps (rows: forward layers a_l, columns: feedback layers b_m), one panel per checkpoint."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # object API: no pyplot state, no backend switch
 
     n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(4.0 * n + 1.2, 4.2), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(4.0 * n + 1.2, 4.2), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)
     im = None
     for k, (ax, (label, r)) in enumerate(zip(axes[0], results.items())):
         m = np.asarray(r["matrix"])
@@ -97,14 +96,12 @@ def plot_cka(results: dict[str, dict], out_png: Path | str, *, title: str = "") 
 
 
 def save_figure(fig, out_png: Path | str) -> Path:
-    """PNG written atomically (temporary file + rename), figure closed."""
+    """PNG of a matplotlib ``Figure`` written atomically (temporary file + rename). The figure is
+    not registered with pyplot, so nothing needs closing."""
     import io
-
-    import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
     ckpt.atomic_write_bytes(Path(out_png), buf.getvalue())
     return Path(out_png)
 

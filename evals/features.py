@@ -32,6 +32,7 @@ from torch import Tensor
 from ccl_repr import checkpoint as ckpt
 from ccl_repr.data import DataBundle, load_data
 from ccl_repr.models import DualNetwork
+from ccl_repr.preprocess import Preprocess
 
 from . import EvalError
 
@@ -188,13 +189,17 @@ class DualFeatures(BaseEstimator, TransformerMixin):
         Pipeline([("f", DualFeatures(model=m, layer="linear2")), ("clf", LogisticRegression())])
 
     The feedback network of an autoencoder is fed the images too; a classifier's feedback
-    network needs labels, which ``transform`` does not receive, so it is refused here."""
+    network needs labels, which ``transform`` does not receive, so it is refused here.
+
+    ``raw=True`` (with ``run_dir``): X holds raw images, uint8 0..255 or floats in [0, 1], which
+    are preprocessed as in training (the run's recorded scale, padding and per-channel mean/std);
+    otherwise X holds model inputs, already standardised."""
 
     def __init__(self, *, model: DualNetwork | None = None, run_dir: str | None = None,
                  layer: LayerSpec = "features", network: str = "forward", batch_size: int = BATCH_SIZE,
-                 weights: str = "tested") -> None:
+                 weights: str = "tested", raw: bool = False) -> None:
         self.model, self.run_dir, self.layer, self.network = model, run_dir, layer, network
-        self.batch_size, self.weights = batch_size, weights
+        self.batch_size, self.weights, self.raw = batch_size, weights, raw
 
     def fit(self, X, y=None) -> "DualFeatures":
         if (self.model is None) == (self.run_dir is None):
@@ -204,12 +209,25 @@ class DualFeatures(BaseEstimator, TransformerMixin):
         if self.network == "feedback" and self.model_.task == "classify":
             raise EvalError("a classifier's feedback network is fed labels, not images; use "
                             "evals.features.extract(..., network='feedback', y=labels) instead")
+        if self.raw and self.run_dir is None:
+            raise EvalError("raw=True needs run_dir=PATH: the run records how raw images were preprocessed")
+        self.preprocess_ = Preprocess.from_dict(ckpt.read_preprocess(Path(self.run_dir))) if self.raw else None
         self.layer_index_ = resolve_layer(self.model_, self.layer)
+        self.n_features_in_ = int(np.prod(np.shape(X)[1:]))
         self.n_features_out_ = self.model_.feature_dims[self.layer_index_]
         return self
 
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        """``{network}_{layer name}_{i}``, e.g. forward_linear2_0 ... forward_linear2_255."""
+        stem = f"{self.network}_{self.model_.layer_names[self.layer_index_]}"
+        return np.asarray([f"{stem}_{i}" for i in range(self.n_features_out_)], dtype=object)
+
     def transform(self, X) -> np.ndarray:
         model = self.model_
+        if self.preprocess_ is not None:
+            raw, shape = np.asarray(X), self.preprocess_.raw_shape
+            flat = raw.ndim == 2 and raw.shape[1] == int(np.prod(shape))  # rows of flattened images
+            X = self.preprocess_(raw.reshape(len(raw), *shape) if flat else raw)
         x = torch.as_tensor(np.asarray(X), dtype=torch.float32)
         try:
             x = x.reshape(len(x), *model.input_shape)

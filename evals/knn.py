@@ -32,6 +32,12 @@ class KNNConfig:
     chunk_size: int = CHUNK_SIZE
     topk: tuple[int, ...] = TOPK
 
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise EvalError(f"kNN k must be at least 1 (--knn-k), got {self.k}")
+        if not self.temperature > 0:
+            raise EvalError(f"kNN temperature must be positive (--knn-temperature), got {self.temperature}")
+
 
 def _tensor(a, dtype=torch.float32) -> Tensor:
     return a.to(dtype) if isinstance(a, Tensor) else torch.as_tensor(np.asarray(a), dtype=dtype)

@@ -4,7 +4,10 @@
 autoencoders, of the feedback network (``feedback_layers``): ``linear_probe_accuracy``,
 ``knn_accuracy`` (top-1), ``knn_top5``, the full protocol records, and the baselines beside it
 (pixels, PCA of the same width, random init). Plus ``baselines``, ``umap``, ``cka``,
-``alignment`` and ``run_summary`` where those were computed. Both files are written atomically.
+``alignment`` and ``run_summary`` where those were computed, ``class_names`` (label order),
+``settings`` (every protocol's settings as used) and ``timings`` (seconds per protocol). The
+report names classes by ``class_names`` (the per-class probe accuracy of the feature layer).
+Both files are written atomically.
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ def _layer_table(layers: dict, title: str) -> list[str]:
     return lines + [""]
 
 
+def _per_class_table(result: dict) -> list[str]:
+    """Linear-probe test accuracy per class (by name) of the feature layer, if it was probed."""
+    layer = result.get("layers", {}).get(result.get("feature_layer"), {})
+    acc = layer.get("linear_probe", {}).get("per_class_accuracy")
+    if not acc:
+        return []
+    names = result.get("class_names") or [str(i) for i in range(len(acc))]
+    names = names + [str(i) for i in range(len(names), len(acc))]
+    lines = [f"### Linear probe per class, layer {result['feature_layer']}", "", "| class | test accuracy % |",
+             "|---|---:|"]
+    lines += [f"| {names[c]} | {_pct(a)} |" for c, a in enumerate(acc)]
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     s = result.get("run_summary", {})
     lines = [f"# Evaluation of `{result['run_dir']}`", "",
@@ -65,12 +82,15 @@ def markdown(result: dict) -> str:
         if kn:
             lines.append(f"kNN: cosine similarity, k={kn['k']}, votes exp(sim/{kn['temperature']}).")
         lines.append("")
+    lines += _per_class_table(result)
     for u in result.get("umap", []):
         p = u["params"]
         lines += [f"## UMAP of layer {u['layer']}", "", f"![UMAP {u['layer']}]({u['png']})", "",
                   f"{u['num_points']} test points + {u['num_feedback_points']} feedback points "
                   f"({u['feedback_kind']}) in one fit; n_neighbors {p['n_neighbors']}, min_dist {p['min_dist']}, "
-                  f"metric {p['metric']}, seed {p['seed']} (parameters in {Path(u['png']).stem}.json).", ""]
+                  f"metric {p['metric']}, seed {p['seed']} (parameters in {Path(u['png']).stem}.json; 2-D "
+                  f"coordinates with labels and class names in {u.get('coords_csv', '–')} and "
+                  f"{u.get('coords_npz', '–')}).", ""]
     if "cka" in result:
         c = result["cka"]
         lines += ["## CKA between forward and feedback layers", "", f"![CKA]({c['png']})", "",
@@ -87,7 +107,10 @@ def markdown(result: dict) -> str:
                          f"{_num(a['update_angle_degrees_random_init'].get(name), 1)} |")
         lines += ["", "An angle is – where one of the two gradients is zero (backprop at an init whose "
                   "outermost weights are zero).", ""]
-    lines.append(f"Evaluation took {result.get('seconds', 0):.1f} s. Full numbers and protocols: `{EVAL_JSON}`.")
+    t = result.get("timings", {})
+    split = ", ".join(f"{k} {v:.1f}" for k, v in t.items())
+    lines.append(f"Evaluation took {result.get('seconds', 0):.1f} s{f' ({split} s)' if split else ''}. "
+                 f"Full numbers, settings and protocols: `{EVAL_JSON}`.")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """UMAP (umap-learn) of test features coloured by class, with the feedback network in the same map.
 
-Spec §6 / the paper's alignment figure: forward features of images next to feedback features of
-the class prototypes. Both are embedded by *one* UMAP fit, so their positions are comparable:
+The paper's feature-space analysis (t-SNE/UMAP): forward features of images next to feedback
+features of the class prototypes. Both are embedded by *one* UMAP fit, so their positions are comparable:
 - classifier: the C prototypes b_l (feedback network fed the C x C identity) as large stars;
 - autoencoder: per-sample feedback features b_l (G fed the same images) as small triangles.
 
@@ -10,8 +10,10 @@ in scale; CCL's layer loss compares their directions), random_state 0, 200 optim
 (umap-learn's own choice above 10k points; the 500 it picks below that take 2.5x as long), at
 most 10000 test points and 2000 per-sample feedback points (the first ones). With a
 random_state umap-learn runs single-threaded and is reproducible. The parameters, seed, point
-counts, versions and time are written beside the plot as JSON (same stem). Heavy imports (umap,
-matplotlib with the Agg backend) are lazy.
+counts, versions and time are written beside the plot as JSON (same stem), and the 2-D
+coordinates with each point's label, class name and source as ``STEM_coords.npz`` and
+``STEM_coords.csv``. Heavy imports (umap, matplotlib) are lazy; plotting uses matplotlib's object
+API only (a ``Figure``; no pyplot state, no backend switch).
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ class UMAPConfig:
     max_feedback_points: int = 2000  # per-sample feedback features (autoencoders): the first ones
     n_epochs: int | None = 200  # umap-learn's large-data default (it uses 500 up to 10k points); None: its choice
 
+    def __post_init__(self) -> None:
+        if self.n_neighbors < 2:
+            raise EvalError(f"UMAP n_neighbors must be at least 2 (--umap-neighbors), got {self.n_neighbors}")
+        if not 0 <= self.min_dist:
+            raise EvalError(f"UMAP min_dist must be at least 0 (--umap-min-dist), got {self.min_dist}")
+
 
 def _np(a) -> np.ndarray:
     a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
@@ -60,17 +68,15 @@ def embed(feats, *, config: UMAPConfig = UMAPConfig()) -> np.ndarray:
 
 
 def umap_plot(feats, labels, out_png: Path | str, *, feedback_feats=None, feedback_labels=None,
-              feedback_kind: str = "prototypes", title: str = "", config: UMAPConfig = UMAPConfig()) -> dict:
-    """Embed test features (+ optional feedback features), plot coloured by class, write PNG + JSON."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .cka import save_figure
-
+              feedback_kind: str = "prototypes", title: str = "", class_names=None,
+              config: UMAPConfig = UMAPConfig()) -> dict:
+    """Embed test features (+ optional feedback features), plot coloured by class, write the PNG,
+    its parameters (JSON) and the 2-D coordinates (``*_coords.npz`` and ``*_coords.csv``).
+    ``class_names`` (label order) name the classes in the legend and the coordinates files;
+    default: the label numbers."""
     t0 = time.perf_counter()
-    x, y = _np(feats)[: config.max_points], np.asarray(labels)[: config.max_points]
-    parts = [x]
+    x, y = _np(feats)[: config.max_points], np.asarray(labels)[: config.max_points].astype(np.int64)
+    parts, part_y = [x], [y]
     if feedback_feats is not None:
         fb = _np(feedback_feats)[: config.max_feedback_points]
         fb_y = np.asarray(feedback_labels)[: len(fb)] if feedback_labels is not None else np.arange(len(fb))
@@ -78,31 +84,75 @@ def umap_plot(feats, labels, out_png: Path | str, *, feedback_feats=None, feedba
             raise EvalError(f"feedback features have {fb.shape[1]} dims, forward features {x.shape[1]}; "
                             f"take both from the same layer index")
         parts.append(fb)
+        part_y.append(fb_y.astype(np.int64))
     emb = embed(np.concatenate(parts), config=config)
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    n_classes = int(max(y.max(), fb_y.max() if feedback_feats is not None else 0)) + 1
-    cmap = plt.get_cmap("tab10" if n_classes <= 10 else "tab20" if n_classes <= 20 else "turbo")
-    colours = lambda c: cmap(c % cmap.N if cmap.N < 256 else c / max(1, n_classes - 1))  # noqa: E731
-    ax.scatter(emb[: len(x), 0], emb[: len(x), 1], c=[colours(c) for c in y], s=3, alpha=0.6, linewidths=0,
-               label="forward features (test images)")
-    if feedback_feats is not None:
-        e = emb[len(x):]
-        big = feedback_kind == "prototypes"
-        ax.scatter(e[:, 0], e[:, 1], c=[colours(c) for c in fb_y], s=260 if big else 10,
-                   marker="*" if big else "^", edgecolors="black", linewidths=1.0 if big else 0.2,
-                   label=f"feedback {'class prototypes' if big else 'features (same images)'}")
-    for c in range(min(n_classes, 20)):  # class legend entries
-        ax.scatter([], [], color=colours(c), s=20, label=str(c))
-    ax.legend(fontsize=6, markerscale=0.8, loc="best", ncol=2)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title or "UMAP of test features", fontsize=9)
-    png = save_figure(fig, out_png)
-    record = {"png": png.name, "num_points": len(x),
-              "num_feedback_points": 0 if feedback_feats is None else len(parts[1]),
+    all_y = np.concatenate(part_y)
+    names = _class_names(class_names, int(all_y.max()) + 1)
+    source = np.array(["forward"] * len(x) + [f"feedback_{feedback_kind}"] * (len(all_y) - len(x)))
+    png = _draw(emb, all_y, len(x), names, Path(out_png), feedback_kind=feedback_kind, title=title)
+    coords = save_coords(png, emb, all_y, source, names)
+    record = {"png": png.name, **{k: p.name for k, p in coords.items()}, "num_points": len(x),
+              "num_feedback_points": len(all_y) - len(x),
               "feedback_kind": feedback_kind if feedback_feats is not None else None,
-              "seconds": time.perf_counter() - t0,
+              "class_names": [str(c) for c in class_names] if class_names else None,
+              "class_names": names, "seconds": time.perf_counter() - t0,
               "params": {**dataclasses.asdict(config), "n_components": 2, "joint_fit": True},
               "versions": {p: metadata.version(p) for p in ("umap-learn", "numba", "scikit-learn")}}
     ckpt.write_json(png.with_suffix(".json"), record)
     return record
+
+
+def _class_names(class_names, n_classes: int) -> list[str]:
+    """The given names in label order, or the label numbers (also for labels beyond the names)."""
+    names = [str(c) for c in (class_names or [])]
+    return names + [str(i) for i in range(len(names), n_classes)]
+
+
+def _draw(emb: np.ndarray, y: np.ndarray, n_forward: int, names: list[str], out_png: Path, *,
+          feedback_kind: str, title: str) -> Path:
+    """Scatter plot through matplotlib's object API (a Figure, no pyplot state, no backend switch)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from .cka import save_figure
+
+    fig = Figure(figsize=(6.4, 5.6))
+    ax = fig.subplots()
+    n_classes = len(names)
+    cmap = matplotlib.colormaps["tab10" if n_classes <= 10 else "tab20" if n_classes <= 20 else "turbo"]
+    colours = lambda c: cmap(c % cmap.N if cmap.N < 256 else c / max(1, n_classes - 1))  # noqa: E731
+    ax.scatter(emb[:n_forward, 0], emb[:n_forward, 1], c=[colours(c) for c in y[:n_forward]], s=3, alpha=0.6,
+               linewidths=0, label="forward features (test images)")
+    if len(y) > n_forward:
+        e, big = emb[n_forward:], feedback_kind == "prototypes"
+        ax.scatter(e[:, 0], e[:, 1], c=[colours(c) for c in y[n_forward:]], s=260 if big else 10,
+                   marker="*" if big else "^", edgecolors="black", linewidths=1.0 if big else 0.2,
+                   label=f"feedback {'class prototypes' if big else 'features (same images)'}")
+    for c in range(min(n_classes, 20)):  # class legend entries, by name
+        ax.scatter([], [], color=colours(c), s=20, label=names[c])
+    ax.legend(fontsize=6, markerscale=0.8, loc="best", ncol=2)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or "UMAP of test features", fontsize=9)
+    return save_figure(fig, out_png)
+
+
+def save_coords(png: Path, emb: np.ndarray, y: np.ndarray, source: np.ndarray, names: list[str]) -> dict[str, Path]:
+    """The 2-D coordinates beside the PNG: ``STEM_coords.npz`` (coords (N, 2) float32, labels,
+    class (name per row), source ("forward" or "feedback_..."), class_names) and the same rows
+    as ``STEM_coords.csv`` (x, y, label, class, source), both written atomically."""
+    import csv
+    import io
+
+    classes = np.array([names[c] for c in y])
+    npz, csv_path = png.with_name(f"{png.stem}_coords.npz"), png.with_name(f"{png.stem}_coords.csv")
+    buf = io.BytesIO()
+    np.savez(buf, coords=emb.astype(np.float32), labels=y, classes=classes, source=source,
+             class_names=np.array(names))
+    ckpt.atomic_write_bytes(npz, buf.getvalue())
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["x", "y", "label", "class", "source"])
+    writer.writerows((f"{a:.6g}", f"{b:.6g}", int(c), n, s) for (a, b), c, n, s in zip(emb, y, classes, source))
+    ckpt.atomic_write_bytes(csv_path, text.getvalue().encode())
+    return {"coords_npz": npz, "coords_csv": csv_path}

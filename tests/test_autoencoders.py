@@ -79,20 +79,65 @@ def test_sizes_that_do_not_fit_name_sizes_that_do():
     ae("ae_conv", (1, 28, 28), [4, 8])  # 28 = 4 * 7: two stride-2 layers fit
 
 
-def test_published_init_and_batch_norm_placement():
-    model = ae("ae_conv", (1, 16, 16), [4, 8, 16])
+@pytest.mark.parametrize("init,norm", [("orthogonal", "post"), ("orthogonal_bn", "post"), ("orthogonal_bn", "none")])
+def test_published_init_and_batch_norm_placement(init, norm):
+    model = ae("ae_conv", (1, 16, 16), [4, 8, 16], norm=norm, init=init)
     n_enc, layers = model.feature_index, model.layers
     u_out, v_bottom = layers[-1].projections()[0], layers[0].projections()[1]
     assert u_out.weight.abs().max() == 0 and v_bottom.weight.abs().max() == 0  # outermost: zero
-    for layer in layers[n_enc:-1]:  # decoder forward weights x0.001
-        assert 0 < layer.fwd.proj.weight.abs().max() < 0.01
-    for layer in layers[1:n_enc]:  # encoder feedback weights x0.001
-        assert 0 < layer.fbk.proj.weight.abs().max() < 0.01
+    # decoder forward and encoder feedback weights x0.001 (orthogonal_bn: unless a batch norm follows)
+    scaled = [layer.fwd.proj for layer in layers[n_enc:-1]] + [layer.fbk.proj for layer in layers[1:n_enc]]
+    keep = init == "orthogonal_bn" and norm != "none"
+    for proj in scaled:
+        assert proj.weight.abs().max() > 0.05 if keep else 0 < proj.weight.abs().max() < 0.01
     assert layers[0].fwd.proj.weight.abs().max() > 0.05  # the rest: orthogonal, unscaled
     assert all(float(layer.fwd.proj.bias.detach().abs().max()) == 0 for layer in layers)
+    if norm == "none":
+        return
     assert isinstance(layers[-1].fwd.post_norm, torch.nn.Identity)  # no norm on x̂ ...
     assert isinstance(layers[0].fbk.post_norm, torch.nn.Identity)  # ... nor on b_0
     assert isinstance(layers[n_enc - 1].fwd.post_norm, torch.nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "orthogonal_bn"])
+def test_no_batch_norm_starts_below_its_eps(init):
+    """The 0.001 scale behind a batch norm puts the pre-norm variance below the norm's eps: the
+    norm stops normalising and its layer's gradient takes over the network's grad-norm clip.
+    With orthogonal_bn (the ae_mnist recipe) every batch norm sees a variance well above eps."""
+    cfg = make_config("ae_mnist", method="ccl", sets=[f"model.init={init}"])
+    model = build_model(cfg.model, input_shape=(1, 28, 28), num_classes=10).train()
+    seen = []
+
+    def hook(module, inputs, _):
+        seen.append(inputs[0].var(0).mean().item() / module.eps)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.register_forward_hook(hook)
+    x = torch.rand(64, 1, 28, 28)
+    model.feedback_intermediates(model.feedback_input(x))
+    model.forward_intermediates(x)
+    assert len(seen) == 6
+    assert min(seen) > 100 if init == "orthogonal_bn" else min(seen) < 0.1, seen  # orthogonal: two layers below eps
+
+
+def test_ae_anti_collapse_penalises_agreement_on_a_collapsed_code():
+    """Two codes that agree perfectly but have collapsed onto one direction: the plain pair
+    loss is 0 (nothing stops the collapse); the anti-collapse term is not, and is ~0 for codes
+    spread over the batch. Only inner pairs get it."""
+    from ccl_repr.losses import ae_pair_loss
+    torch.manual_seed(0)
+    direction = torch.rand(1, 256)
+    collapsed = torch.rand(32, 1) * direction
+    spread = torch.randn(32, 256)
+    assert ae_pair_loss(collapsed, collapsed, form="weighted", inner=True) == 0
+    on_collapsed = ae_pair_loss(collapsed, collapsed, form="weighted", inner=True, anti_collapse=1.0)
+    on_spread = ae_pair_loss(spread, spread, form="weighted", inner=True, anti_collapse=1.0)
+    assert on_collapsed > 0.5 and on_spread < 0.05 and on_collapsed > 20 * on_spread
+    assert ae_pair_loss(collapsed, collapsed, form="weighted", inner=False, anti_collapse=1.0) == 0
+    a, b = collapsed.clone().requires_grad_(), spread.clone().requires_grad_()
+    ae_pair_loss(a, b.detach(), form="mse", inner=True, anti_collapse=1.0).backward()
+    assert a.grad.abs().sum() > 0
 
 
 def _grads(model, method, x):
@@ -154,12 +199,27 @@ def digits_batch() -> torch.Tensor:
 
 
 def test_demo_end_to_end(tmp_path, capsys):
+    """The demo trains CCL and backprop on the same architecture, probes a code no wider than the
+    input next to PCA of its width and raw pixels (through evals), and maps the CCL code."""
     out = tmp_path / "demo"
-    assert main(["demo", "--epochs", "2", "--out", str(out)]) == 0
-    printed = capsys.readouterr()
-    assert "reconstruction MSE" in printed.out and str(out) in printed.out
-    summary = json.loads((out / "ccl" / "summary.json").read_text())
-    assert summary["method"] == "ccl" and 0 < summary["test_mse"] < 1
-    for name in summary["figures"]:
-        assert (out / "ccl" / name).stat().st_size > 1000
-    assert {"reconstructions.png", "training_curves.png"} <= set(summary["figures"])
+    assert main(["demo", "--epochs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    demo = json.loads((out / "demo.json").read_text())
+    rows = {r["representation"]: r for r in demo["rows"]}
+    assert list(rows) == ["CCL code, F", "CCL code, G", "BP code, F", "PCA of pixels", "raw pixels"]
+    pixels = rows["raw pixels"]["dim"]
+    assert pixels == 64 and all(r["dim"] == rows["CCL code, F"]["dim"] <= pixels for r in demo["rows"])
+    for name, r in rows.items():
+        assert 0.1 < r["linear_probe"] <= 1 and 0.1 < r["knn"] <= 1, r  # above chance (10 classes)
+        assert f"{r['linear_probe']:.1%}" in printed and name in printed  # the printed table
+    for method in ("ccl", "bp"):
+        summary = json.loads((out / method / "summary.json").read_text())
+        assert summary["method"] == method and summary["test_mse"] == rows[f"{method.upper()} code, F"]["test_mse"] < 1
+        assert {"reconstructions.png", "training_curves.png"} <= set(summary["figures"])
+        for name in summary["figures"]:
+            assert (out / method / name).stat().st_size > 1000
+    png = out / "umap_ccl_code.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    umap = json.loads(png.with_suffix(".json").read_text())
+    assert umap["num_points"] == umap["num_feedback_points"] == 360 and umap["feedback_kind"] == "samples"
+    assert umap["class_names"] == [str(d) for d in range(10)]  # the legend's class names

@@ -119,3 +119,16 @@ def test_kernel_floor_refuses_models_it_does_not_cover():
 
     with pytest.raises(ValueError, match="bias-free ELU MLPs only"):
         weights(make_model("cnn", torch.device("cpu")))
+
+
+def test_imagefolder_load_first_and_cached(tmp_path):
+    from PIL import Image
+    for split in ("train", "test"):
+        for label, cls in enumerate(("a", "b")):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for i in range(10):
+                Image.new("RGB", (8, 8), (40 * label, 10 * i, 0)).save(tmp_path / "images" / split / cls / f"{i}.png")
+    run_script(tmp_path, "benchmarks/imagefolder_load.py", "--root", str(tmp_path / "images"), "--tag", "_smoke")
+    d = json.loads((tmp_path / "imagefolder_load_smoke.json").read_text())
+    assert d["input_shape"] == [3, 8, 8] and d["classes"] == ["a", "b"] and d["num_test"] == 20
+    assert d["cache_bytes"] > 0 and d["first_load"]["wall_seconds"] > 0 and d["cached_load"]["cpu_seconds"] > 0

@@ -1,14 +1,17 @@
 """Data sources through the real loaders: digits, MNIST from ../shared/datasets, MNIST-format
-files written here (FashionMNIST layout), and an ImageFolder tree of PNGs."""
+files written here (FashionMNIST layout); class names; stratified subsets and degenerate splits.
+Image folders: tests/test_imagefolder.py."""
 import struct
 
 import numpy as np
 import pytest
 import torch
 
+from ccl_repr.cli import main
 from ccl_repr.config import DataConfig
 from ccl_repr.data import augment, batches, load_data
 from ccl_repr.errors import DataError
+from ccl_repr.splits import class_quota, stratified_sample
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -20,7 +23,7 @@ def write_idx(path, array: np.ndarray) -> None:
 
 def test_digits_splits_and_normalisation():
     b = load_data(DataConfig(name="digits", val_fraction=0.1), seed=0)
-    assert b.input_shape == (1, 8, 8) and b.num_classes == 10
+    assert b.input_shape == (1, 8, 8) and b.num_classes == 10 and b.classes == list("0123456789")
     assert len(b.train) + len(b.val) == 1437 and len(b.test) == 360
     assert abs(float(b.train.x.mean())) < 1e-4 and abs(float(b.train.x.std()) - 1) < 1e-2
     # the test split is fixed; the validation split follows the seed
@@ -32,6 +35,8 @@ def test_mnist_from_shared_datasets(mnist_root):
     b = load_data(DataConfig(name="mnist", root=str(mnist_root), train_subset=1000, test_subset=200), seed=0)
     assert b.input_shape == (1, 28, 28) and len(b.train) == 900 and len(b.test) == 200
     assert b.train.y.dtype == torch.long and int(b.train.y.max()) <= 9
+    assert b.classes[:2] == ["0 - zero", "1 - one"]  # torchvision's own names
+    assert torch.cat([b.train.y, b.val.y]).bincount().min() >= 90  # stratified: ~100 per class
     padded = load_data(DataConfig(name="mnist", root=str(mnist_root), train_subset=100, test_subset=10,
                                   pad_to=32), seed=0)
     assert padded.input_shape == (1, 32, 32)
@@ -48,21 +53,15 @@ def test_fashionmnist_written_in_the_real_idx_format(tmp_path):
     assert 0.0 <= float(b.train.x.min()) and float(b.train.x.max()) <= 1.0
 
 
-def test_imagefolder_tree(tmp_path):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for cls in ("cat", "dog", "eel"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    b = load_data(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0.25))
-    assert b.input_shape == (3, 8, 8) and b.num_classes == 3 and len(b.test) == 12
-
-
 def test_missing_dataset_names_expected_path(tmp_path):
     with pytest.raises(DataError, match=r"MNIST/raw.*--data-root.*data\.download=true"):
         load_data(DataConfig(name="mnist", root=str(tmp_path)))
+
+
+def test_torchvision_name_on_an_image_folder_points_to_imagefolder(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"--set data\.name=imagefolder to read .* as an image folder"):
+        load_data(DataConfig(name="cifar10", root=str(tmp_path)))
 
 
 def test_augment_keeps_shape_and_content_statistics():
@@ -79,3 +78,55 @@ def test_batches_cover_every_sample_once():
     g = torch.Generator().manual_seed(0)
     seen = torch.cat([y for _, y in batches(b.train, 100, generator=g)])
     assert len(seen) == len(b.train) and torch.equal(seen.sort().values, b.train.y.sort().values)
+
+
+def _rows(*splits) -> list[bytes]:
+    """The images of splits as a sorted list of byte strings (a multiset, order-free)."""
+    return sorted(bytes(row.numpy().tobytes()) for split in splits for row in split.x.flatten(1))
+
+
+def test_subsets_are_stratified_and_the_same_for_every_seed():
+    cfg = DataConfig(name="digits", train_subset=100, test_subset=50, normalize=False)
+    a, b = load_data(cfg, seed=0), load_data(cfg, seed=3)
+    assert torch.cat([a.train.y, a.val.y]).bincount().tolist() == [10] * 10
+    assert a.test.y.bincount().tolist() == [5] * 10
+    assert torch.equal(a.test.x, b.test.x) and torch.equal(a.test.y, b.test.y)  # same test images, any seed
+    assert _rows(a.train, a.val) == _rows(b.train, b.val)  # same training pool; only the val split moves
+    assert not torch.equal(a.val.y, b.val.y)
+
+
+def test_class_quota_and_stratified_sample():
+    counts = np.array([50, 30, 15, 5])
+    for n in (4, 10, 37, 99):
+        q = class_quota(counts, n)
+        assert q.sum() == n and (q >= 1).all() and (q <= counts).all()
+        assert np.abs(q - counts * n / counts.sum()).max() <= 1 + 1e-9 or n < 10  # proportional within one
+    assert class_quota(counts, 2).tolist() == [1, 1, 0, 0] and class_quota(counts, 500).tolist() == counts.tolist()
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 15 + [3] * 5)
+    idx = stratified_sample(y, 20)
+    assert y[idx].bincount().tolist() == [10, 6, 3, 1] and not torch.equal(idx, torch.arange(20))
+    assert torch.equal(idx, stratified_sample(y, 20)) and torch.equal(idx, idx.sort().values)
+    lone = torch.tensor([0] * 5 + [1])  # the validation draw never takes a class's last sample
+    assert y[stratified_sample(y, 4, seed=1, reserve=1)].bincount().tolist() == [1, 1, 1, 1]
+    assert lone[stratified_sample(lone, 2, reserve=1)].tolist() == [0, 0]
+
+
+def test_validation_split_is_stratified():
+    b = load_data(DataConfig(name="digits", train_subset=200, val_fraction=0.1), seed=7)
+    assert b.val.y.bincount().tolist() == [2] * 10 and b.train.y.bincount().tolist() == [18] * 10
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(test_subset=1), r"the test split holds 1 sample\(s\), all of class .*raise data\.test_subset"),
+    (dict(train_subset=6, val_fraction=0.1), r"training split has no samples of class .*raise data\.train_subset"),
+    (dict(train_subset=20, val_fraction=0.05), r"validation split holds 1 sample.*raise data\.val_fraction"),
+])
+def test_degenerate_splits_are_refused(settings, message):
+    with pytest.raises(DataError, match=message):
+        load_data(DataConfig(name="digits", **settings), seed=0)
+
+
+def test_degenerate_split_at_the_cli_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["train", "mlp_digits", "--set", "data.test_subset=1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.test_subset" in err[0] and not (tmp_path / "run").exists()

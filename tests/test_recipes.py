@@ -50,5 +50,5 @@ def test_recipe_resolves_and_steps(recipe, method):
 
 def test_method_sections_differ_where_the_paper_differs():
     ccl, bp = make_config("cnn_cifar10", method="ccl"), make_config("cnn_cifar10", method="bp")
-    assert (ccl.train.batch_size, ccl.optim.forward.lr, ccl.loss.flooding) == (128, 1.0, 0.2)
+    assert (ccl.train.batch_size, ccl.optim.forward.lr, ccl.loss.flooding) == (128, 1.0, 0.1)
     assert (bp.train.batch_size, bp.optim.forward.lr, bp.model.norm) == (256, 0.03, "pre")

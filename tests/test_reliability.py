@@ -268,8 +268,12 @@ def test_damaged_checkpoints_raise_checkpoint_error(ws, tmp_path, damage):
 def test_load_run_reports_damage_as_checkpoint_error(ws, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ws / "done", run)
+    (run / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):  # load_run prefers model.safetensors ...
+        ckpt.load_run(run)
+    (run / "model.safetensors").unlink()
     (run / "model.pt").write_bytes((run / "model.pt").read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="truncated"):
+    with pytest.raises(CheckpointError, match="truncated"):  # ... and reads model.pt without it
         ckpt.load_run(run)
     (run / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
