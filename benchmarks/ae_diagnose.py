@@ -35,6 +35,9 @@ from ccl_repr.models import build_model
 from ccl_repr.train import seed_everything
 
 
+NETS = ("forward", "feedback")
+
+
 def layer_weights(model, net: str) -> dict[str, torch.Tensor]:
     side = "fwd" if net == "forward" else "fbk"
     return {model.layer_names[i + 1]: getattr(layer, side).proj.weight for i, layer in enumerate(model.layers)}
@@ -93,6 +96,48 @@ def probe_codes(model, x: torch.Tensor, ae_form: str) -> dict:
     return rec
 
 
+class EpochMeter:
+    """Per-layer pre-clip gradient norms, clip factors and losses, sampled every ``every`` steps,
+    and each layer's update/weight ratio over the epoch."""
+
+    def __init__(self, model, cfg, optim: Optimizers, every: int) -> None:
+        self.model, self.cfg, self.optim, self.every = model, cfg, optim, every
+        self.start = {net: {k: w.detach().clone() for k, w in layer_weights(model, net).items()} for net in NETS}
+        self.grads: dict[str, dict[str, float]] = {net: {} for net in NETS}
+        self.clip = {net: 0.0 for net in NETS}
+        self.losses: dict[str, float] = {}
+        self.steps = self.samples = 0
+
+    def observe(self, losses: dict[str, torch.Tensor]) -> None:
+        """Call between backward and clip_and_step."""
+        if self.steps % self.every == 0:
+            self.samples += 1
+            for net in NETS:
+                for name, w in layer_weights(self.model, net).items():
+                    g = w.grad.norm().item() if w.grad is not None else 0.0
+                    self.grads[net][name] = self.grads[net].get(name, 0.0) + g
+                total = torch.nn.utils.get_total_norm([p.grad for p in self.optim.params[net] if p.grad is not None]).item()
+                clip = getattr(self.cfg.optim, net).clip
+                self.clip[net] += min(1.0, clip / (total + 1e-6)) if clip > 0 else 1.0
+            for k, v in losses.items():
+                self.losses[k] = self.losses.get(k, 0.0) + v.item()
+        self.steps += 1
+
+    def row(self) -> dict:
+        m = max(1, self.samples)
+        row = {"lr": self.optim.lrs(), "train_losses": {k: v / m for k, v in self.losses.items()},
+               "clip_factor": {net: v / m for net, v in self.clip.items()}}
+        for net in NETS:
+            row[net] = {}
+            for name, w in layer_weights(self.model, net).items():
+                w0 = self.start[net][name]
+                row[net][name] = {"grad": self.grads[net][name] / m, "weight_norm": w.norm().item(),
+                                  "update_ratio": ((w.detach() - w0).norm() / w0.norm().clamp_min(1e-12)).item()}
+            for name, bn in batch_norms(self.model, net).items():
+                row[net][name].update(bn)
+        return row
+
+
 def run(args: argparse.Namespace) -> None:
     cfg = make_config(args.recipe, method="ccl", overrides={"data": {"root": args.data_root},
                                                             "train": {"epochs": args.epochs}}, sets=args.sets)
@@ -111,46 +156,35 @@ def run(args: argparse.Namespace) -> None:
     out.write_text(json.dumps({"epoch": 0, **probe_codes(model, xval, cfg.loss.ae_form), "config": cfg.to_dict()}) + "\n")
     model.train()
     for epoch in range(1, cfg.train.epochs + 1):
-        t0 = time.perf_counter()
-        start = {net: {k: w.detach().clone() for k, w in layer_weights(model, net).items()} for net in ("forward", "feedback")}
-        gsum = {net: {} for net in start}
-        clip = {net: 0.0 for net in start}
-        losses_sum: dict[str, float] = {}
-        n = 0
+        t0, meter = time.perf_counter(), EpochMeter(model, cfg, optim, args.every)
         for x, y in batches(bundle.train, cfg.train.batch_size, order=shuffle_order(bundle.train, shuffle)):
             optim.zero_grad()
-            losses = method.backward(model, x, y)
-            if n % args.every == 0:
-                for net in start:
-                    ws = layer_weights(model, net)
-                    for name, w in ws.items():
-                        g = w.grad.norm().item() if w.grad is not None else 0.0
-                        gsum[net][name] = gsum[net].get(name, 0.0) + g
-                    total = torch.nn.utils.get_total_norm([p.grad for p in optim.params[net] if p.grad is not None]).item()
-                    c = getattr(cfg.optim, net).clip
-                    clip[net] += min(1.0, c / (total + 1e-6)) if c > 0 else 1.0
-                for k_, v in losses.items():
-                    losses_sum[k_] = losses_sum.get(k_, 0.0) + v.item()
+            meter.observe(method.backward(model, x, y))
             optim.clip_and_step()
-            n += 1
-        m = math.ceil(n / args.every)
-        row = {"epoch": epoch, "seconds": time.perf_counter() - t0, "lr": optim.lrs(),
-               "train_losses": {k_: v / m for k_, v in losses_sum.items()},
-               "clip_factor": {net: v / m for net, v in clip.items()}}
-        for net in start:
-            ws = layer_weights(model, net)
-            row[net] = {name: {"grad": gsum[net][name] / m, "weight_norm": w.norm().item(),
-                               "update_ratio": ((w.detach() - start[net][name]).norm() / start[net][name].norm().clamp_min(1e-12)).item()}
-                        for name, w in ws.items()}
-            for name, bn in batch_norms(model, net).items():
-                row[net][name].update(bn)
-        row.update(probe_codes(model, xval, cfg.loss.ae_form))
+        row = {"epoch": epoch, "seconds": time.perf_counter() - t0, **meter.row(), **probe_codes(model, xval, cfg.loss.ae_form)}
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"epoch {epoch} {row['seconds']:.0f}s x̂ {row['mse_xhat']:.4f} b0 {row['mse_b0']:.4f} "
-              f"decode_b {json.dumps({k_: round(v, 4) for k_, v in row['decode_b'].items()})} "
-              f"ridge_a {json.dumps({k_: round(v, 4) for k_, v in row['ridge_a'].items()})} "
-              f"clip {json.dumps({k_: round(v, 3) for k_, v in row['clip_factor'].items()})}", flush=True)
+        short = {k: {n: round(v, 4) for n, v in row[k].items()} for k in ("decode_b", "ridge_a", "rank_a", "clip_factor")}
+        print(f"epoch {epoch} {row['seconds']:.0f}s x̂ {row['mse_xhat']:.4f} b0 {row['mse_b0']:.4f} {json.dumps(short)}", flush=True)
+
+
+def measure_run(run_dir: str, out: Path, val_points: int) -> None:
+    """The same code measurements, the weight norms and the batch norms' scales of a run folder's
+    latest checkpoint (e.g. of a ``ccl-repr train`` run still in progress)."""
+    from ccl_repr import checkpoint as ckpt
+
+    torch.set_num_threads(1)
+    cfg, model = ckpt.load_run(Path(run_dir), weights="last")
+    epoch = ckpt.load_checkpoint(Path(run_dir) / ckpt.CHECKPOINT)["epoch"]
+    bundle = load_data(cfg.data, device="cpu", seed=cfg.seed)
+    row = {"run": run_dir, "epoch": epoch, **probe_codes(model, bundle.val.x[:val_points], cfg.loss.ae_form)}
+    for net in NETS:
+        row[net] = {name: {"weight_norm": w.norm().item()} for name, w in layer_weights(model, net).items()}
+        for name, bn in batch_norms(model, net).items():
+            row[net][name].update(bn)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row) + "\n")
+    print(json.dumps({k: row[k] for k in ("epoch", "mse_xhat", "rank_a", "forward")}))
 
 
 def main() -> None:
@@ -162,7 +196,12 @@ def main() -> None:
     p.add_argument("--val-points", type=int, default=4000)
     p.add_argument("--set", dest="sets", action="append", default=[])
     p.add_argument("--out", default="benchmarks/out/ae_diagnose.jsonl")
-    run(p.parse_args())
+    p.add_argument("--measure-run", metavar="RUN_DIR", help="only measure RUN_DIR's latest checkpoint (no training)")
+    args = p.parse_args()
+    if args.measure_run:
+        measure_run(args.measure_run, Path(args.out), args.val_points)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

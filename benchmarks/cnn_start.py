@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ def main() -> None:
         print(f"{label:36s} " + " ".join(f"{s}:{100 * a:.1f}" for s, a in pts), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps({"base": BASE, "bp": BP, "set": args.set,
-                                                          "command": "python " + " ".join(sys.argv), "rows": rows}, indent=2))
+                                                          "command": "python " + shlex.join(sys.argv), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

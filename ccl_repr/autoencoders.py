@@ -1,4 +1,4 @@
-"""Autoencoders for CCL (spec §3 'Autoencoder', §4 'Conv AE'): the feedback network reconstructs.
+"""Autoencoders (the paper's autoencoder experiment): the feedback network reconstructs.
 
 F is encoder + decoder (x -> code -> x̂); G is its mirror, fed with the target image x, so G is an
 autoencoder running the other way and its bottom output b_0 is a second reconstruction of x.
@@ -13,7 +13,7 @@ Two builders register themselves in the model registry of :mod:`ccl_repr.models`
 ``model.widths`` sets the encoder; the decoder mirrors it. ``feature_index`` is the bottleneck,
 so ``forward_features(x)`` is the code and ``feedback_intermediates(x)[model.feature_index]`` the
 feedback network's middle layer. With ``model.init: orthogonal`` the published initialisation
-is applied (spec §3): orthogonal weights, the decoder's forward weights and the encoder's
+is applied: orthogonal weights, the decoder's forward weights and the encoder's
 feedback weights scaled by 0.001, the outermost of each set to zero, biases zero;
 ``orthogonal_bn`` leaves out the 0.001 where a batch norm follows (see :func:`published_init_`).
 """
@@ -30,7 +30,7 @@ from .errors import ShapeError
 from .layers import DualConv, DualLayer, DualLinear, scale_weight_
 from .models import DualNetwork, layer_options, register
 
-PUBLISHED_SCALE = 1e-3  # spec §3: decoder forward / encoder feedback weights x0.001, outermost x0
+PUBLISHED_SCALE = 1e-3  # published AE code: decoder forward / encoder feedback weights x0.001, outermost x0
 
 
 class DualLinearToImage(DualLinear):

@@ -233,6 +233,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     the evals protocols, linear-probe and kNN accuracy of each code beside PCA of the same width
     and raw pixels, and a UMAP of the CCL code with G's code of the same images. The table is
     printed and written to demo.json."""
+    from evals.features import open_run
+
     from . import checkpoint as ckpt
     from .config import make_config
     from .train import train
@@ -245,7 +247,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg = make_config(DEMO_RECIPE, method=method, overrides=over)
         print(f"training {method} {cfg.model.name} on the bundled digits, {cfg.train.epochs} epochs ...", file=sys.stderr)
         mse[method] = train(cfg, out / method, log=lambda m: print(m, file=sys.stderr))["test_mse"]
-    from evals.features import open_run
     runs = {method: open_run(out / method) for method in mse}
     rows = _demo_probes(runs, mse)
     print("computing the UMAP of the CCL code ...", file=sys.stderr)

@@ -68,11 +68,11 @@ class Progress:
                  stream: TextIO | None = None) -> None:
         self.epochs, self.desc, self.enabled = epochs, desc, enabled
         self.stream = stream if stream is not None else sys.stderr
-        self.running = HostScalar(torch.device(device))
         self.shown: dict[str, str] = {}
         self.bar = None
         if enabled and _is_terminal(self.stream):
             from tqdm import tqdm
+            self.running = HostScalar(torch.device(device))
             self.bar = tqdm(total=epochs * steps_per_epoch, initial=start_step, desc=desc, unit="step",
                             file=self.stream, dynamic_ncols=True, leave=False)
             self.set_epoch(start_epoch + 1)

@@ -54,12 +54,13 @@ def stratified_sample(y: Tensor, n: int, *, seed: int = SUBSET_SEED, reserve: in
     ``reserve`` samples of each class are never taken (fewer than ``n`` if they must stay)."""
     if n >= len(y) and not reserve:
         return torch.arange(len(y))
-    classes, counts = torch.unique(y.cpu(), return_counts=True)
+    y = y.cpu()
+    classes, counts = torch.unique(y, return_counts=True)
     quota = class_quota((counts - reserve).clamp_min(0).numpy(), n)
     gen = torch.Generator().manual_seed(seed)
-    picks = []
+    picks = [torch.zeros(0, dtype=torch.long)]
     for c, k in zip(classes.tolist(), quota.tolist()):
-        members = (y.cpu() == c).nonzero().squeeze(1)
+        members = (y == c).nonzero().squeeze(1)
         picks.append(members[torch.randperm(len(members), generator=gen)[:k]])
     return torch.cat(picks).sort().values
 

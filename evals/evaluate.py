@@ -221,7 +221,7 @@ def _score_layers(run, random_model: DualNetwork, config: EvalConfig, result: di
     ys = [s.y.cpu() for s in splits]
     layers = resolve_layers(model, config.layers)
     scoring = [p for p in config.protocols if p in ("linear", "knn")]
-    cache = BaselineCache(config.baseline_cache, [t for s in splits for t in (s.x, s.y)],
+    cache = BaselineCache(config.baseline_cache if scoring else None, [t for s in splits for t in (s.x, s.y)],
                           {"protocols": scoring, "linear": dataclasses.asdict(config.probe),
                            "knn": dataclasses.asdict(config.knn), "batch_size": config.batch_size})
     base = result["baselines"]
@@ -254,7 +254,8 @@ def _score_layers(run, random_model: DualNetwork, config: EvalConfig, result: di
                                                     scoring, config, base, ys)
             result[key][name] = rec
             bar.update()
-    result["baseline_cache"] = cache.info()
+    if scoring:
+        result["baseline_cache"] = cache.info()
 
 
 class _Lazy:

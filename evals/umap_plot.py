@@ -94,7 +94,6 @@ def umap_plot(feats, labels, out_png: Path | str, *, feedback_feats=None, feedba
     record = {"png": png.name, **{k: p.name for k, p in coords.items()}, "num_points": len(x),
               "num_feedback_points": len(all_y) - len(x),
               "feedback_kind": feedback_kind if feedback_feats is not None else None,
-              "class_names": [str(c) for c in class_names] if class_names else None,
               "class_names": names, "seconds": time.perf_counter() - t0,
               "params": {**dataclasses.asdict(config), "n_components": 2, "joint_fit": True},
               "versions": {p: metadata.version(p) for p in ("umap-learn", "numba", "scikit-learn")}}
@@ -121,7 +120,8 @@ def _draw(emb: np.ndarray, y: np.ndarray, n_forward: int, names: list[str], out_
     n_classes = len(names)
     cmap = matplotlib.colormaps["tab10" if n_classes <= 10 else "tab20" if n_classes <= 20 else "turbo"]
     colours = lambda c: cmap(c % cmap.N if cmap.N < 256 else c / max(1, n_classes - 1))  # noqa: E731
-    ax.scatter(emb[:n_forward, 0], emb[:n_forward, 1], c=[colours(c) for c in y[:n_forward]], s=3, alpha=0.6,
+    dot = max(3.0, min(16.0, 6000 / max(1, n_forward)))  # 3 for 10k points; a few hundred stay visible
+    ax.scatter(emb[:n_forward, 0], emb[:n_forward, 1], c=[colours(c) for c in y[:n_forward]], s=dot, alpha=0.6,
                linewidths=0, label="forward features (test images)")
     if len(y) > n_forward:
         e, big = emb[n_forward:], feedback_kind == "prototypes"

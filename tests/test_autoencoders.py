@@ -1,4 +1,4 @@
-"""Autoencoders (spec §3, issue 3): shapes of both networks, bottleneck interface, published init,
+"""Autoencoders: shapes of both networks, bottleneck interface, published init,
 size errors, gradient locality, overfitting a small batch with CCL and backprop, and the demo."""
 import copy
 import json

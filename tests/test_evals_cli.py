@@ -111,3 +111,12 @@ def test_eval_option_errors_are_one_line(digits_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--knn-k" in err and "comma-separated numbers" in err and "--umap-neighbors" in err
     assert "Traceback" not in err
+
+
+def test_export_features_without_scoring(digits_run, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["eval", str(digits_run), "--out", str(out), "--layers", "output", "--protocols", "align",
+                 "--export-features", "--no-progress"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["layers"] == {} and "baseline_cache" not in result and "alignment" in result
+    assert np.load(out / "features" / "forward_output_test.npy").shape == (360, 10)

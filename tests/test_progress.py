@@ -119,3 +119,28 @@ def test_tensorboard_missing_is_one_line_before_training(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "pip install tensorboard" in err
     assert not run.exists()  # refused before the run folder, the data or the model
+
+
+def test_tensorboard_after_a_crash_and_resume_holds_each_epoch_once(tmp_path):
+    """Epochs logged after the last checkpoint are redone on resume; their first events are
+    purged (metrics.jsonl drops the same rows), so each epoch appears once."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config("mlp_digits", overrides={"train": {"epochs": 4, "batch_size": 64, "num_threads": 1,
+                                                         "progress": False, "checkpoint_every": 2,
+                                                         "tensorboard": True}})
+    run = tmp_path / "run"
+
+    def crash_in_epoch_4(*, epoch, **_):  # a crash after epoch 3 was logged, checkpoint at epoch 2
+        if epoch == 4:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, run, hooks=[crash_in_epoch_4], log=lambda m: None)
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    train(cfg, run, resume=True, log=lambda m: None)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("val/accuracy")]
+    assert logged == [(r["epoch"], pytest.approx(r["val/accuracy"])) for r in read_jsonl(run / "metrics.jsonl")]

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 # 162 steps per epoch at batch 8: slow enough (~0.4 s an epoch) to kill a run between epochs.
 RUN = ["train", "mlp_digits", "--epochs", "6", "--no-progress", "--set", "train.num_threads=1",
        "--set", "train.batch_size=8"]
-TIMING = {"epoch_seconds", "samples_per_second", "train_seconds", "versions"}
+# Measured, not computed: these differ between any two runs of the same config.
+TIMING = {"epoch_seconds", "samples_per_second", "train_seconds", "versions", "peak_memory_mib"}
 
 
 # --------------------------------------------------------------------------- helpers
