@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -55,10 +56,10 @@ def read_run(out: Path) -> dict | None:
 
 def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     cmd, out = train_command(method, seed, args)
-    command = "ccl-repr " + " ".join(cmd)
+    command = "ccl-repr " + shlex.join(cmd)
     done = read_run(out) if args.reuse else None
     if done is None or done["summary"].get("epochs") != args.epochs:
-        resume = args.resume and (out / "checkpoint.pt").exists()
+        resume = args.resume and (out / "checkpoint.pt").exists() and read_run(out) is None  # interrupted
         argv = ["train", "--resume", str(out)] if resume else [*cmd, "--overwrite"]
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "ccl_repr.cli", *argv], capture_output=True, text=True,

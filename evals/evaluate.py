@@ -90,8 +90,9 @@ def score(feats: Sequence[Tensor], ys: Sequence[Tensor], protocols: Sequence[str
         val = dict(val_feats=va, val_y=yva) if len(yva) else {}
         r = probe(tr, ytr, te, yte, config=config.probe, **val)
         out.update(linear_probe_accuracy=r["test_accuracy"], linear_probe=r)
-    if "knn" in protocols:
-        r = knn(tr, ytr, te, yte, config=config.knn)
+    if "knn" in protocols:  # on the evaluation's device: the (test x bank) similarities are its bulk
+        device = resolve_device(config.device)
+        r = knn(tr.to(device), ytr, te.to(device), yte, config=config.knn)
         out.update(knn_accuracy=r["top1"], knn_top5=r.get("top5"), knn=r)
     if timings is not None:
         for key, proto in (("linear_probe", "linear"), ("knn", "knn")):
