@@ -44,7 +44,7 @@ MODELS: dict[str, tuple[tuple[int, ...], int, int]] = {
     "ae_mlp": ((1, 28, 28), 256, 256),
     "ae_conv": ((3, 96, 96), 2, 32),
 }
-# The paper's loss settings per model family (spec §4): prototype form for MLPs, normalised +
+# The paper's loss settings per model family (docs/fidelity.md): prototype form for MLPs, normalised +
 # anti-collapse + flooding for the CNNs, plain MSE pairs for autoencoders.
 LOSSES = {
     "mlp": LossConfig(form="prototype", scale=128.0),

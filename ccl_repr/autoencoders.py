@@ -51,7 +51,7 @@ class DualLinearToImage(DualLinear):
 
 
 def published_init_(layers: list[DualLayer], *, n_encoder: int, keep_normed: bool = False) -> None:
-    """Spec §3: scale the decoder's forward weights and the encoder's feedback weights by 0.001;
+    """The published AE init: scale the decoder's forward weights and the encoder's feedback weights by 0.001;
     the outermost of each set (F's output layer, G's bottom layer) starts at zero.
 
     ``keep_normed`` (``model.init: orthogonal_bn``): a projection that a batch norm follows keeps

@@ -1,13 +1,13 @@
 """Dual layers: one forward op (U_l, in_shape -> out_shape) and one feedback op (V_l, the mirror).
 
-Spec §2. Layer l of the forward network F computes a_l = act_F(U_l · sg(a_{l-1})); the same layer
+The paper's method. Layer l of the forward network F computes a_l = act_F(U_l · sg(a_{l-1})); the same layer
 of the feedback network G computes b_{l-1} = act_B(V_l · sg(b_l)). The stop-gradient ``sg`` on
 each layer's *input* is what makes CCL's credit assignment local; it is a switch
 (:attr:`DualLayer.detach`) so the very same model can also be trained with backprop.
 
 A side (forward or feedback) is: optional resampling in -> optional pre-norm -> projection ->
 optional post-norm -> activation -> optional resampling out. The network builder turns off
-the activation and norm on F's output layer and on G's bottom layer (spec §2).
+the activation and norm on F's output layer and on G's bottom layer (the paper's method: the last layer of each network has no activation).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class DualLinear(DualLayer):
 
 
 class DualConv(DualLayer):
-    """Image-to-image dual layer in three kinds (spec §2), all 3x3 'same' convolutions.
+    """Image-to-image dual layer in three kinds (the paper's conv dual layers), all 3x3 'same' convolutions.
 
     - ``strided``: Conv2d(stride 2) / nearest-upsample x2 then Conv2d(stride 1).
     - ``pool``:    Conv2d(stride 1) then MaxPool 2 / nearest-upsample x2 then Conv2d.

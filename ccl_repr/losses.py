@@ -1,4 +1,4 @@
-"""Layer-pair losses of CCL (spec §3). Pure functions of tensors: no layers, no training.
+"""Layer-pair losses of CCL (the paper's Eq. 2 and its published code; docs/fidelity.md). Pure functions of tensors: no layers, no training.
 
 Classification pairs compare the forward activations A = a_l (N x d) with the feedback
 activations B = b_l (C x d prototypes, or N x d per-sample) through the similarity S = A B^T,
@@ -54,7 +54,7 @@ def classification_pair_loss(a: Tensor, b: Tensor, y: Tensor, *, form: str, scal
 
 def flooding_mask(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
     """1 for samples still to learn, 0 for those whose true-class probability is within
-    ``threshold`` of 1, i.e. 1 - p < threshold (paper §3 'flooding'; the published code masks
+    ``threshold`` of 1, i.e. 1 - p < threshold (the paper's 'flooding'; the published code masks
     with a hard-coded margin of 0.1: p > 0.9). Computed without gradient."""
     with torch.no_grad():
         p_true = logits.float().softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
@@ -75,7 +75,7 @@ def ae_pair_loss(a: Tensor, b: Tensor, *, form: str = "mse", inner: bool = False
     channel over space and L2-normalising over space, also times H.
 
     ``anti_collapse`` > 0 adds, on inner pairs, the published CNN's anti-collapse term to each
-    side (paper §3 / its code: mean((Â Â^T - I)^2)), on codes centred over the batch first (ReLU
+    side (the paper's / its code: mean((Â Â^T - I)^2)), on codes centred over the batch first (ReLU
     codes are non-negative: uncentred, orthogonal rows would need disjoint supports). Without
     it, an MSE between two batch-normed codes is smallest when every unit of both codes follows
     the same few directions that F and G agree on most easily, and the codes lose the image

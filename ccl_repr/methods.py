@@ -2,7 +2,7 @@
 
 - :class:`CCL`: every layer's input detached; layer-pair losses between F and G plus
   cross-entropy on F's output (classifier) or MSE at every pair (autoencoder). One
-  ``backward()`` over the sum updates all layers, yet each gradient is local (spec §3).
+  ``backward()`` over the sum updates all layers, yet each gradient is local (the paper's method, Eq. 2: every layer's input detached).
 - :class:`Backprop`: detaches off; the task loss on F's output only; G is unused.
 
 ``method.backward(model, x, y)`` computes the losses *and* their gradients and returns the
@@ -84,7 +84,7 @@ class CCL:
         walked bottom-up; at each pair, b_l's one feedback layer is rebuilt with its graph and the
         pair loss is backpropagated at once, which frees a_l's and b_l's graphs before a_{l+1}
         is built. Every parameter receives gradient from exactly one loss term (all inputs are
-        detached, spec §3), so the accumulated gradients equal those of ``sum(losses).backward()``.
+        detached: the paper's method), so the accumulated gradients equal those of ``sum(losses).backward()``.
         Costs: G's forward twice (C x d rows with prototypes: negligible; a second G pass for
         per-sample targets and autoencoders), and with flooding one gradient-free forward of F
         for the mask, which needs the final logits before the first pair."""
@@ -214,7 +214,7 @@ def make_sgd(params: list[torch.nn.Parameter], **hyper: float) -> torch.optim.SG
 
 
 class Optimizers:
-    """One SGD per network with its own lr, momentum, weight decay and clipping (spec §4)."""
+    """One SGD per network with its own lr, momentum, weight decay and clipping (the paper's training settings; docs/fidelity.md)."""
 
     def __init__(self, model: DualNetwork, cfg: OptimConfig, *, total_steps: int) -> None:
         self.model, self.cfg = model, cfg

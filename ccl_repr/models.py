@@ -62,7 +62,7 @@ class DualNetwork(nn.Module):
         return self.feature_dims[self.feature_index]
 
     def pair_indices(self, *, include_output: bool) -> list[int]:
-        """Boundaries l whose (a_l, b_l) pair gets a local loss (spec §2 'Pairs').
+        """Boundaries l whose (a_l, b_l) pair gets a local loss (the paper's layer pairs).
 
         Boundaries produced by parameter-free layers (flatten) are skipped: they repeat the pair
         just below them. The output boundary L is paired only for autoencoders; classifiers train
@@ -113,7 +113,7 @@ class DualNetwork(nn.Module):
         return x.flatten(1)
 
     def feedback_input(self, x: Tensor, y: Tensor | None = None, *, targets: str = "prototypes") -> Tensor:
-        """What G is fed (spec §3): C x C identity (prototypes), one-hot(y) per sample, or x (AE)."""
+        """What G is fed (the paper's method): C x C identity (prototypes), one-hot(y) per sample, or x (AE)."""
         if self.task == "reconstruct":
             return x
         assert self.num_classes is not None

@@ -3,7 +3,7 @@
 One function, :func:`train`, drives any learning rule in :mod:`methods` over any model of the
 registry. Losses stay on the device during an epoch and are read once per epoch (no host
 synchronisation per step). The weights of the best validation epoch are tested at the end
-(spec §4: "test the best-validation epoch").
+(the paper's protocol: test the best-validation epoch; docs/fidelity.md).
 """
 
 from __future__ import annotations

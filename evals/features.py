@@ -3,7 +3,7 @@
 Defaults: batch size 1024, no gradients, eval mode (batch-norm statistics frozen; the model's
 train/eval mode is restored afterwards), features flattened to (N, d) float32 on the CPU.
 
-What each network is fed (spec §3):
+What each network is fed (the paper's method):
 - forward: the images x; layer l gives a_l (index 0 is the input itself);
 - feedback, classifier: one one-hot label per sample (``targets="samples"``, so b_l lines up
   with a_l sample by sample, as CKA needs), or the C x C identity (``prototypes``: C rows);

@@ -148,7 +148,7 @@ def _grads(model, method, x):
 
 @pytest.mark.parametrize("name,shape,widths", [("ae_conv", (1, 16, 16), [4, 8, 16]), ("ae_mlp", (1, 8, 8), [16, 8])])
 def test_ccl_gradient_locality(name, shape, widths):
-    """Spec §3: U_l's CCL gradient depends on a_{l-1} and b_l only, not on forward weights above."""
+    """The paper's method: U_l's CCL gradient depends on a_{l-1} and b_l only, not on forward weights above."""
     torch.manual_seed(0)
     cfg = make_config("ae_digits", method="ccl")
     model, x = ae(name, shape, widths), torch.rand(8, *shape)

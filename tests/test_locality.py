@@ -1,4 +1,4 @@
-"""Spec §3: with CCL every gradient is local. The gradient reaching a layer's forward weights
+"""The paper's method: with CCL every gradient is local. The gradient reaching a layer's forward weights
 depends only on that layer's input a_{l-1} and the feedback signal b_l; with backprop it does not."""
 import copy
 

@@ -86,7 +86,7 @@ def test_optimizer_update_equals_the_sgd_formula():
 
 
 def test_fixed_feedback_network_with_zero_lr_still_learns():
-    """Spec §6: asymmetric learning rates; lr_B = 0 keeps G at its random init."""
+    """The paper's analyses: asymmetric learning rates; lr_B = 0 keeps G at its random init."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="mlp_small"), input_shape=(1, 8, 8), num_classes=10)
     before = [p.clone() for p in model.network_parameters("feedback")]
