@@ -156,17 +156,7 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.seed)
 
-    bundle = (load_data(cfg.data, device=device, seed=cfg.seed, progress=cfg.train.progress and ddp.is_main)
-              if data is None else _on_device(data, device))
-    if model is None:
-        model = build_model(cfg.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
-    model = model.to(device)
-    method = make_method(cfg)
-    method.prepare(model)
-    fastpath.apply(model, method, cfg.train, device, bundle)
-    ddp.broadcast_parameters(model)
-    steps_per_epoch = math.ceil(len(bundle.train) / cfg.train.batch_size)
-    optim = Optimizers(model, cfg.optim, total_steps=cfg.train.epochs * steps_per_epoch)
+    bundle, model, method, optim, steps_per_epoch = _build(cfg, device, ddp, model=model, data=data)
     shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
     aug = torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.data.augment else None
     meta = {"input_shape": list(bundle.input_shape), "num_classes": bundle.num_classes, "classes": bundle.classes,
@@ -181,19 +171,10 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
         start_epoch, step, elapsed = state["epoch"], state["step"], state["train_seconds"]
         best, best_epoch, best_state = state["best"], state["best_epoch"], state["best_model"]
         rows, partial = list(state["metrics"]), state.get("partial")
-        # Rows and diagnostics written after this checkpoint describe lost work: drop them so the
-        # files end up exactly as in an uninterrupted run.
-        ckpt.write_jsonl(out / ckpt.METRICS, rows)
-        if (out / DIAGNOSTICS).exists():
-            ckpt.write_jsonl(out / DIAGNOSTICS, [r for r in ckpt.read_jsonl(out / DIAGNOSTICS)
-                                                 if r.get("step", 0) <= step])
-        (out / ckpt.SUMMARY).unlink(missing_ok=True)  # the run is live again
+        _trim_to_checkpoint(out, rows, step)
         log(f"resuming {out} from epoch {start_epoch}, step {step}")
     else:
-        ckpt.prepare_run_dir(out, overwrite=overwrite)
-        ckpt.write_json(out / ckpt.CONFIG, cfg.to_dict())
-        ckpt.write_json(out / ckpt.VERSIONS, ckpt.versions())
-        ckpt.write_json(out / ckpt.PREPROCESS, meta["preprocess"])
+        _open_run_dir(out, cfg, meta, overwrite=overwrite)
     saved = (start_epoch, step) if state is not None else None  # what checkpoint.pt holds now
 
     def save_state(epoch: int, partial: dict | None = None) -> None:
@@ -298,6 +279,56 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
             board.close()
 
     model.load_state_dict(best_state)
+    return _finish(out, cfg, model, bundle, device, meta, best=best, best_epoch=best_epoch,
+                   best_state=best_state, elapsed=elapsed)
+
+
+def _on_device(bundle: DataBundle, device: torch.device) -> DataBundle:
+    """A caller's bundle on the training device (tensors already there are not copied)."""
+    splits = {k: Split(s.x.to(device), s.y.to(device)) for k, s in
+              (("train", bundle.train), ("val", bundle.val), ("test", bundle.test))}
+    return dataclasses.replace(bundle, **splits)
+
+def _build(cfg: Config, device: torch.device, ddp: Any, *, model: DualNetwork | None,
+           data: DataBundle | None) -> tuple[DataBundle, DualNetwork, Any, Optimizers, int]:
+    """Data, model (given or from the registry), learning rule and optimisers, in the order the
+    seeded random streams expect (data split, then weight init)."""
+    bundle = (load_data(cfg.data, device=device, seed=cfg.seed, progress=cfg.train.progress and ddp.is_main)
+              if data is None else _on_device(data, device))
+    if model is None:
+        model = build_model(cfg.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
+    model = model.to(device)
+    method = make_method(cfg)
+    method.prepare(model)
+    fastpath.apply(model, method, cfg.train, device, bundle)
+    ddp.broadcast_parameters(model)
+    steps_per_epoch = math.ceil(len(bundle.train) / cfg.train.batch_size)
+    optim = Optimizers(model, cfg.optim, total_steps=cfg.train.epochs * steps_per_epoch)
+    return bundle, model, method, optim, steps_per_epoch
+
+
+def _open_run_dir(out: Path, cfg: Config, meta: dict, *, overwrite: bool) -> None:
+    """A fresh run folder with the files that describe the run before it trains."""
+    ckpt.prepare_run_dir(out, overwrite=overwrite)
+    ckpt.write_json(out / ckpt.CONFIG, cfg.to_dict())
+    ckpt.write_json(out / ckpt.VERSIONS, ckpt.versions())
+    ckpt.write_json(out / ckpt.PREPROCESS, meta["preprocess"])
+
+
+def _trim_to_checkpoint(out: Path, rows: list[dict], step: int) -> None:
+    """Rows and diagnostics written after the checkpoint describe lost work: drop them so the
+    files end up exactly as in an uninterrupted run; the run is live again (no summary)."""
+    ckpt.write_jsonl(out / ckpt.METRICS, rows)
+    if (out / DIAGNOSTICS).exists():
+        ckpt.write_jsonl(out / DIAGNOSTICS, [r for r in ckpt.read_jsonl(out / DIAGNOSTICS)
+                                             if r.get("step", 0) <= step])
+    (out / ckpt.SUMMARY).unlink(missing_ok=True)
+
+
+def _finish(out: Path, cfg: Config, model: DualNetwork, bundle: DataBundle, device: torch.device, meta: dict,
+            *, best: dict, best_epoch: int, best_state: dict, elapsed: float) -> dict:
+    """Save the tested weights (the best validation epoch's, already loaded), test them, draw the
+    figures and write summary.json."""
     ckpt.save_checkpoint(out / ckpt.MODEL, {"model": best_state, "model_meta": meta, "epoch": best_epoch,
                                             "config": cfg.to_dict()})
     ckpt.save_safetensors(out / ckpt.SAFETENSORS, best_state, config=cfg.to_dict(), meta=meta)
@@ -323,11 +354,3 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     summary["figures"] = figures + ([curves] if curves else [])
     ckpt.write_json(out / ckpt.SUMMARY, summary)
     return summary
-
-
-def _on_device(bundle: DataBundle, device: torch.device) -> DataBundle:
-    """A caller's bundle on the training device (tensors already there are not copied)."""
-    splits = {k: Split(s.x.to(device), s.y.to(device)) for k, s in
-              (("train", bundle.train), ("val", bundle.val), ("test", bundle.test))}
-    return dataclasses.replace(bundle, **splits)
-
