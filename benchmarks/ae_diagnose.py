@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from ccl_repr.config import make_config
 from ccl_repr.data import batches, load_data, shuffle_order
-from ccl_repr.methods import Optimizers, make_method
-from ccl_repr.models import build_model
+from ccl_repr.builder import build_trainable
+from ccl_repr.optim import Optimizers
 from ccl_repr.train import seed_everything
 
 
@@ -144,11 +144,9 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     seed_everything(cfg.seed)
     bundle = load_data(cfg.data, device="cpu", seed=cfg.seed)
-    model = build_model(cfg.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
-    method = make_method(cfg)
-    method.prepare(model)
     steps_per_epoch = math.ceil(len(bundle.train) / cfg.train.batch_size)
-    optim = Optimizers(model, cfg.optim, total_steps=cfg.train.epochs * steps_per_epoch)
+    model, method, optim = build_trainable(cfg, input_shape=bundle.input_shape, num_classes=bundle.num_classes,
+                                           total_steps=cfg.train.epochs * steps_per_epoch)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     xval = bundle.val.x[: args.val_points]
     out = Path(args.out)

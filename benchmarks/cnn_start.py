@@ -24,8 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from ccl_repr.config import make_config  # noqa: E402
 from ccl_repr.data import batches, load_data  # noqa: E402
-from ccl_repr.methods import Optimizers, make_method  # noqa: E402
-from ccl_repr.models import build_model  # noqa: E402
+from ccl_repr.builder import build_trainable
 from ccl_repr.train import evaluate, seed_everything  # noqa: E402
 
 RESULTS = Path(os.environ.get("CCL_REPR_BENCH_RESULTS") or REPO / "benchmarks" / "results")
@@ -52,10 +51,8 @@ def curve(method: str, sets: list[str], args: argparse.Namespace) -> list[tuple[
                                                *sets, *args.set])
     seed_everything(cfg.seed)
     data = load_data(cfg.data, seed=cfg.seed)
-    model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
-    rule = make_method(cfg)
-    rule.prepare(model)
-    optim = Optimizers(model, cfg.optim, total_steps=args.steps)
+    model, rule, optim = build_trainable(cfg, input_shape=data.input_shape, num_classes=data.num_classes,
+                                         total_steps=args.steps)
     order = torch.Generator().manual_seed(cfg.seed)
     points, step = [], 0
     while step < args.steps:

@@ -34,8 +34,7 @@ from ccl_repr import checkpoint as ckpt
 from ccl_repr.config import make_config
 from ccl_repr.data import batches, load_data, shuffle_order
 from ccl_repr.fastpath import apply as apply_fast_path
-from ccl_repr.methods import Optimizers, make_method
-from ccl_repr.models import build_model
+from ccl_repr.builder import build_trainable
 from ccl_repr.train import seed_everything, train
 
 TARGET = 1.1
@@ -74,12 +73,10 @@ def compute_and_data(cfg, device: torch.device) -> dict:
     batches matter: on CPUs whose expm1 is slow, ELU's cost depends on the sign of its inputs.)"""
     seed_everything(cfg.seed)
     bundle = load_data(cfg.data, device=device, seed=cfg.seed)
-    model = build_model(cfg.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes).to(device)
-    method = make_method(cfg)
-    method.prepare(model)
-    apply_fast_path(model, method, cfg.train, device, bundle)  # as train() does (bf16 autocast on CUDA)
     steps = math.ceil(len(bundle.train) / cfg.train.batch_size)
-    optim = Optimizers(model, cfg.optim, total_steps=cfg.train.epochs * steps)
+    model, method, optim = build_trainable(cfg, input_shape=bundle.input_shape, num_classes=bundle.num_classes,
+                                           total_steps=cfg.train.epochs * steps, device=device)
+    apply_fast_path(model, method, cfg.train, device, bundle)  # as train() does (bf16 autocast on CUDA)
     shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def gather() -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -103,10 +103,11 @@ def markdown(record: dict) -> str:
                       f"kNN {pct(px.get('knn_accuracy'))} %.", ""]
         al = r.get("alignment")
         if al:
-            lines += ["| layer | cos(U, V^T) | at init | angle CCL vs BP ° | at init ° |", "|---|---:|---:|---:|---:|"]
-            for name, v in al["weight_alignment"].items():
-                num = lambda v, d: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
-                lines.append(f"| {name} | {v:.3f} | {num(al['weight_alignment_random_init'][name], 3)} | "
+            lines += ["| layer | cos(U, V^T) | at init | angle rule vs BP ° | at init ° |", "|---|---:|---:|---:|---:|"]
+            num = lambda v, d: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+            align, align0 = al.get("weight_alignment") or {}, al.get("weight_alignment_random_init") or {}
+            for name in al["update_angle_degrees"]:
+                lines.append(f"| {name} | {num(align.get(name), 3)} | {num(align0.get(name), 3)} | "
                              f"{num(al['update_angle_degrees'][name], 1)} | "
                              f"{num(al['update_angle_degrees_random_init'][name], 1)} |")
             lines.append("")

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ccl_repr.config import LossConfig, ModelConfig, OptimConfig  # noqa: E402
-from ccl_repr.methods import CCL, Backprop, Optimizers  # noqa: E402
+from ccl_repr.optim import Optimizers
+from ccl_repr.rules import CCL, Backprop# noqa: E402
 from ccl_repr.models import DualNetwork, build_model  # noqa: E402
 
 # Where every benchmark writes its JSON; CCL_REPR_BENCH_RESULTS redirects it (the smoke tests do).

@@ -2,10 +2,10 @@
 
 F is encoder + decoder (x -> code -> x̂); G is its mirror, fed with the target image x, so G is an
 autoencoder running the other way and its bottom output b_0 is a second reconstruction of x.
-Every boundary is a pair with an MSE loss (handled by :class:`ccl_repr.methods.CCL`), including
+Every boundary is a pair with an MSE loss (handled by :class:`ccl_repr.rules.CCL`), including
 the reconstruction x̂ against x and the input x against b_0.
 
-Two builders register themselves in the model registry of :mod:`ccl_repr.models`:
+Two builders register themselves in the model registry (:data:`ccl_repr.registry.MODELS`), peers of the classifiers:
 
 - ``ae_conv``: stride-2 conv encoder (paper: 128-256-1024-2048), mirrored up-conv decoder.
 - ``ae_mlp``:  linear encoder (default 512-256-64) and its mirror, reshaped back to the image.
@@ -28,7 +28,10 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .errors import ShapeError
 from .layers import DualConv, DualLayer, DualLinear, scale_weight_
-from .models import DualNetwork, layer_options, register
+from .network import DualNetwork, layer_options
+from .registry import MODELS
+
+register = MODELS.register
 
 PUBLISHED_SCALE = 1e-3  # published AE code: decoder forward / encoder feedback weights x0.001, outermost x0
 

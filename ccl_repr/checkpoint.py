@@ -45,9 +45,10 @@ RUN_FILES = (CHECKPOINT, MODEL, CONFIG, METRICS, SUMMARY, VERSIONS, DIAGNOSTICS,
 RESUME_KEYS = ("model", "model_meta", "optim", "epoch", "step", "train_seconds", "config", "best",
                "best_epoch", "best_model", "rng", "metrics", "device")
 # Config entries that may change between the interrupted run and its resumption: they do not
-# change what is computed, only how it is shown, how often it is saved or where data is cached.
+# change what is computed, only how it is shown, how often it is saved, where data is cached or
+# when the divergence guard stops it.
 RESUME_MAY_CHANGE = ("train.progress", "train.tensorboard", "train.num_threads", "train.checkpoint_every",
-                     "data.cache_dir")
+                     "data.cache_dir", "train.diverge_factor", "train.diverge_growth")
 
 
 def _umask() -> int:

@@ -18,6 +18,7 @@ import yaml
 
 from .distributed import env_rank
 from .errors import UserError
+from .registry import RULES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,9 +28,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a recipe with CCL or backprop")
+    p = sub.add_parser("train", help="train a recipe with CCL, backprop or another learning rule")
     p.add_argument("recipe", nargs="?", help="recipe name (see `ccl-repr recipes`) or YAML path")
-    p.add_argument("--method", choices=("ccl", "bp"), help="learning rule (default: the recipe's)")
+    p.add_argument("--method", choices=RULES, help="learning rule (default: the recipe's; see `ccl-repr rules`)")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override device")
@@ -388,6 +389,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules(args: argparse.Namespace) -> int:
+    for name, desc in RULES.describe().items():
+        rule = RULES.get(name)
+        print(f"{name:6s} {desc} [models: {', '.join(rule.tasks)}; trains: {', '.join(rule.trains)}]")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from .config import RECIPES_DIR, list_recipes
     for name in list_recipes():
@@ -438,12 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_features(sub)
     sub.add_parser("models", help="list the model registry")
+    sub.add_parser("rules", help="list the learning rules, the models each applies to and what it trains")
     sub.add_parser("recipes", help="list the bundled recipes")
     return parser
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "compare": cmd_compare, "features": cmd_features, "models": cmd_models,
-            "recipes": cmd_recipes}
+            "rules": cmd_rules, "recipes": cmd_recipes}
 
 
 def main(argv: list[str] | None = None) -> int:

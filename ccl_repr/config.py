@@ -1,7 +1,7 @@
 """Typed run configuration: one dataclass per component, YAML recipes, dotted overrides.
 
 A recipe is a YAML mapping with the keys of :class:`Config`, plus optional per-method sections
-(``ccl:``, ``bp:``) whose contents are deep-merged over the base when that method is selected.
+(``ccl:``, ``bp:``, one per registered learning rule) whose contents are deep-merged over the base when that method is selected.
 Resolution order: dataclass defaults < recipe < recipe's method section < CLI flags < ``--set``.
 Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the fix.
 """
@@ -20,8 +20,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-
-METHODS = ("ccl", "bp")
+from .registry import RULES  # the learning rules register there (ccl_repr.rules); read at validation time
 
 
 def _recipes_dir() -> Path:
@@ -94,6 +93,18 @@ class LossConfig:
 
 
 @dataclass
+class RuleConfig:
+    """The fixed random feedback of the rules that avoid weight transport (FA, DFA, DRTP).
+
+    Drawn once, when the rule is prepared, from N(proj_mean, proj_std^2) by a generator of its
+    own seeded with the run's seed (the model's initialisation and the data order are not
+    disturbed); saved in checkpoints and restored on resume."""
+    proj_mean: float = _opt(0.0, doc="mean of the fixed random feedback matrices (the paper's DRTP search: 0, 0.05)")
+    proj_std: float = _opt(0.0, lo=0.0, doc="their standard deviation; 0 = 1/sqrt(fan-in) of each matrix "
+                                            "(the paper's DRTP search: 0.01, 0.03, 0.1, 0.3)")
+
+
+@dataclass
 class NetOptimConfig:
     lr: float = _opt(1.0, lo=0.0)
     momentum: float = _opt(0.0, lo=0.0, hi=1.0)
@@ -125,6 +136,15 @@ class TrainConfig:
     progress: bool = _opt(True, doc="per-step bar on a terminal, else one line per epoch on stderr; false = silent")
     tensorboard: bool = _opt(False, doc="also write TensorBoard event files under RUN_DIR/tensorboard (pip install tensorboard)")
     checkpoint_every: int = _opt(1, lo=0, doc="write the resumable checkpoint every N epochs; 0 = only at the end")
+    diverge_factor: float = _opt(10.0, lo=0.0,
+                                 doc="stop the run (status diverged) when the cross-entropy exceeds this many times "
+                                     "log C (a uniform guess), or an autoencoder's image MSE this many times that of a "
+                                     "blank output (above the training mean image's); on the mean since the last read "
+                                     "(every 200 steps and at epoch ends); 0 = off")
+    diverge_growth: float = _opt(1e4, lo=0.0,
+                                 doc="stop the run when a loss term's epoch mean exceeds this many times its "
+                                     "first-epoch mean, at epoch ends (terms with a positive first-epoch mean; a healthy "
+                                     "CCL pair loss grew 1400x: benchmarks/results/guard_margins.json); 0 = off")
     select: str = _opt("val_accuracy", choices=("val_accuracy", "val_loss"),
                    doc="classifiers: test the epoch of the best validation accuracy or of the lowest "
                        "validation cross-entropy (published code); autoencoders: lowest val MSE either way")
@@ -139,13 +159,14 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    method: str = _opt("ccl", choices=METHODS)
+    method: str = _opt("ccl", choices=RULES, doc="a learning rule of the registry (ccl-repr rules)")
     seed: int = _opt(0, lo=0, hi=2**32 - 2, doc="numpy accepts seeds below 2**32; the augment stream uses seed+1")
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     recipe: str = _opt("", doc="the recipe this config came from (informational)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    rule: RuleConfig = field(default_factory=RuleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -313,13 +334,13 @@ def make_config(recipe: str | dict | None = None, *, method: str | None = None,
                 overrides: dict | None = None, sets: list[str] | tuple = ()) -> Config:
     """Resolve a recipe (name, path or mapping) + method + flag overrides + ``--set`` strings."""
     raw = load_recipe(recipe) if isinstance(recipe, str) else copy.deepcopy(recipe or {})
-    sections = {m: raw.pop(m, None) or {} for m in METHODS}
+    sections = {m: raw.pop(m, None) or {} for m in RULES}
     over: dict = copy.deepcopy(overrides or {})
     for s in sets:
         set_dotted(over, s)
     chosen = method or over.get("method") or raw.get("method") or Config.method
-    if chosen not in METHODS:
-        raise ConfigError(f"method: {chosen!r} is not one of {', '.join(METHODS)}")
+    if chosen not in RULES:
+        raise ConfigError(f"method: {chosen!r} is not one of {', '.join(RULES)}; see ccl-repr rules")
     merged = deep_merge(deep_merge(raw, sections[chosen]), over)
     merged["method"] = chosen
     return build(Config, merged)

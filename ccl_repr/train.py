@@ -1,7 +1,7 @@
 """The explicit training loop: epochs, validation, best epoch, JSON-lines metrics, checkpoints.
 
-One function, :func:`train`, drives any learning rule in :mod:`methods` over any model of the
-registry. Losses stay on the device during an epoch and are read once per epoch (no host
+One function, :func:`train`, drives any learning rule of :data:`ccl_repr.registry.RULES` over any
+model of the model registry. Losses stay on the device during an epoch and are read once per epoch (no host
 synchronisation per step). The weights of the best validation epoch are tested at the end
 (the paper's protocol: test the best-validation epoch; docs/fidelity.md).
 """
@@ -9,6 +9,7 @@ synchronisation per step). The weights of the best validation epoch are tested a
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import math
 import random
 import time
@@ -27,8 +28,11 @@ from .config import Config
 from .data import DataBundle, Split, batches, load_data, shuffle_order
 from .errors import CheckpointError, DivergenceError
 from .guard import CHECK_EVERY, DivergenceGuard, Interrupted, StopRequest
-from .methods import Optimizers, make_method
-from .models import DualNetwork, build_model
+from .optim import Optimizers
+from .rules import LearningRule
+from .builder import build_trainable
+from .state import TrainingState
+from .models import DualNetwork
 from .preprocess import Preprocess
 from .progress import Progress
 from .resources import peak_memory
@@ -68,38 +72,6 @@ def evaluate(model: DualNetwork, split: Split, *, batch_size: int, bundle: DataB
     return {"mse": loss_sum.item() / max(total, 1)}
 
 
-def _rng_state(device: torch.device, shuffle: torch.Generator, aug: torch.Generator | None) -> dict:
-    """Every random stream a resumed run must continue (numpy's as a tensor: weights_only loads)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"shuffle": shuffle.get_state(), "augment": aug.get_state() if aug is not None else None,
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-            "python": random.getstate(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-
-
-def _restore(state: dict, model: DualNetwork, optim: Optimizers, shuffle: torch.Generator,
-             aug: torch.Generator | None, path: Path) -> None:
-    try:
-        model.load_state_dict(state["model"])
-        optim.load_state_dict(state["optim"])
-        rng = state["rng"]
-        # Generator states are CPU byte tensors whatever the generator's device.
-        shuffle.set_state(rng["shuffle"].cpu())
-        if aug is not None:
-            aug.set_state(rng["augment"].cpu())
-        torch.set_rng_state(rng["torch"].cpu())
-        if rng.get("cuda") is not None:
-            torch.cuda.set_rng_state_all([t.cpu() for t in rng["cuda"]])
-        random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in rng["python"]))
-        name, keys, pos, has_gauss, cached = rng["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {first}); restore the run "
-                              f"folder's original files or start a new run with --out") from None
-
-
 def selection_metric(task: str, select: str) -> str:
     """The validation metric that picks the tested epoch: ``val_accuracy`` (highest) or
     ``val_loss`` (lowest cross-entropy, as the published code) for classifiers; ``val_mse``
@@ -135,15 +107,46 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     would (bit-for-bit on CPU; metrics rows and diagnostics written after the checkpoint are
     dropped). The first SIGINT/SIGTERM stops at the next step boundary, writes a checkpoint (mid-
     epoch if need be) and a summary with status "interrupted", and raises guard.Interrupted. A
-    non-finite loss or parameter writes a summary with status "diverged", keeps the last good
-    checkpoint and raises DivergenceError."""
-    out = distributed.run_dir(Path(out_dir), resume=resume)  # only rank 0 writes the run folder
+    non-finite loss or parameter, or a finite loss far above its reference (``train.diverge_factor``,
+    ``train.diverge_growth``; :mod:`ccl_repr.guard`), writes a summary with status "diverged",
+    keeps the last good checkpoint and raises DivergenceError."""
+    out, state, device, ddp = _start(cfg, Path(out_dir), overwrite=overwrite, resume=resume)
+    bundle, model, rule, optim, steps_per_epoch = _build(cfg, device, ddp, model=model, data=data)
+    st = TrainingState(model=model, rule=rule, optim=optim, device=device,
+                       shuffle=torch.Generator(device=device).manual_seed(cfg.seed),
+                       aug=torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.data.augment else None)
+    meta = {"input_shape": list(bundle.input_shape), "num_classes": bundle.num_classes, "classes": bundle.classes,
+            "task": model.task, "preprocess": Preprocess.from_bundle(bundle, pad=cfg.data.pad_to).to_dict()}
+    if state is not None:
+        st.restore(state, out / ckpt.CHECKPOINT)
+        _trim_to_checkpoint(out, st.rows, st.step)
+        log(f"resuming {out} from epoch {st.epoch}, step {st.step}")
+    else:
+        _open_run_dir(out, cfg, meta, overwrite=overwrite)
+    loop = _Loop(cfg=cfg, out=out, bundle=bundle, ddp=ddp, meta=meta, steps_per_epoch=steps_per_epoch,
+                 hooks=hooks, stop=StopRequest(),
+                 watch=DivergenceGuard.for_run(model, device, cfg, train_x=bundle.train.x, rows=st.rows),
+                 progress=Progress(epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch, start_epoch=st.epoch,
+                                   start_step=st.step, desc=f"{cfg.method} {cfg.model.name}", device=device,
+                                   enabled=cfg.train.progress and ddp.is_main),  # one voice: rank 0's
+                 board=tblog.TensorBoardLog(out, resume_epoch=st.epoch if state is not None else None)
+                 if cfg.train.tensorboard and ddp.is_main else None)
+    _run_epochs(loop, st)
+    model.load_state_dict(st.best_state)
+    return _finish(out, cfg, model, bundle, device, meta, best=st.best, best_epoch=st.best_epoch,
+                   best_state=st.best_state, elapsed=st.elapsed, rule_state=rule.state_dict())
+
+
+def _start(cfg: Config, out: Path, *, overwrite: bool, resume: bool) -> tuple[Path, dict | None, torch.device, Any]:
+    """The run folder checked (or its checkpoint read), the device, the process group, threads
+    and seeds: everything refused before any time is spent on data."""
+    out = distributed.run_dir(out, resume=resume)  # only rank 0 writes the run folder
     if resume:
         if not out.is_dir():
             raise CheckpointError(f"run folder {out} does not exist; pass the --out folder of an earlier run to --resume")
         state = ckpt.load_resume_state(out, cfg.to_dict())
     else:
-        ckpt.check_run_dir(out, overwrite=overwrite)  # refuse before any time is spent on data
+        ckpt.check_run_dir(out, overwrite=overwrite)
         state = None
     if cfg.train.tensorboard:
         tblog.require()  # a missing package is named before any time is spent on data
@@ -155,132 +158,135 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.seed)
+    return out, state, device, ddp
 
-    bundle, model, method, optim, steps_per_epoch = _build(cfg, device, ddp, model=model, data=data)
-    shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
-    aug = torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.data.augment else None
-    meta = {"input_shape": list(bundle.input_shape), "num_classes": bundle.num_classes, "classes": bundle.classes,
-            "task": model.task,
-            "preprocess": Preprocess.from_bundle(bundle, pad=cfg.data.pad_to).to_dict()}
 
-    start_epoch, step, best, best_epoch, best_state, elapsed = 0, 0, None, -1, None, 0.0
-    rows: list[dict] = []  # metrics rows so far; the checkpoint holds them
-    partial = None  # position inside an epoch, when the checkpoint was written mid-epoch
-    if state is not None:
-        _restore(state, model, optim, shuffle, aug, out / ckpt.CHECKPOINT)
-        start_epoch, step, elapsed = state["epoch"], state["step"], state["train_seconds"]
-        best, best_epoch, best_state = state["best"], state["best_epoch"], state["best_model"]
-        rows, partial = list(state["metrics"]), state.get("partial")
-        _trim_to_checkpoint(out, rows, step)
-        log(f"resuming {out} from epoch {start_epoch}, step {step}")
-    else:
-        _open_run_dir(out, cfg, meta, overwrite=overwrite)
-    saved = (start_epoch, step) if state is not None else None  # what checkpoint.pt holds now
+@dataclass
+class _Loop:
+    """The fixed parts of a run that every epoch uses (the changing parts are the TrainingState)."""
+    cfg: Config
+    out: Path
+    bundle: DataBundle
+    ddp: Any
+    meta: dict
+    steps_per_epoch: int
+    hooks: Sequence[StepHook]
+    stop: StopRequest
+    watch: DivergenceGuard
+    progress: Progress
+    board: Any
 
-    def save_state(epoch: int, partial: dict | None = None) -> None:
-        nonlocal saved
-        ckpt.save_checkpoint(out / ckpt.CHECKPOINT, {
-            "model": model.state_dict(), "model_meta": meta, "optim": optim.state_dict(),
-            "epoch": epoch, "step": step, "train_seconds": elapsed, "config": cfg.to_dict(),
-            "best": best, "best_epoch": best_epoch, "best_model": best_state, "metrics": rows,
-            "device": device.type, "partial": partial, "rng": _rng_state(device, shuffle, aug)})
-        saved = (epoch, step)
+    def save(self, st: TrainingState, epoch: int, partial: dict | None = None) -> None:
+        st.save(self.out / ckpt.CHECKPOINT, epoch=epoch, meta=self.meta, config=self.cfg.to_dict(), partial=partial)
 
-    def last_good() -> str:
-        if saved is None:
-            return "no checkpoint had been written yet; start again with --overwrite"
-        return f"the last good checkpoint (epoch {saved[0]}, step {saved[1]}) is kept in {out / ckpt.CHECKPOINT}"
+    def last_good(self, st: TrainingState) -> str:
+        return st.last_good(self.out / ckpt.CHECKPOINT)
 
-    def write_status(status: str, **extra: Any) -> None:
-        ckpt.write_json(out / ckpt.SUMMARY, {
-            "status": status, "method": cfg.method, "model": cfg.model.name, "dataset": bundle.name,
-            "recipe": cfg.recipe, "epochs": cfg.train.epochs, "seed": cfg.seed, "device": str(device),
+    def write_status(self, st: TrainingState, status: str, **extra: Any) -> None:
+        cfg, saved = self.cfg, st.saved
+        ckpt.write_json(self.out / ckpt.SUMMARY, {
+            "status": status, "method": cfg.method, "model": cfg.model.name, "dataset": self.bundle.name,
+            "recipe": cfg.recipe, "epochs": cfg.train.epochs, "seed": cfg.seed, "device": str(st.device),
             "checkpoint_epoch": saved[0] if saved else None, "checkpoint_step": saved[1] if saved else None,
-            "train_seconds": elapsed, **extra,
-            "resume": f"ccl-repr train --resume {out}" if saved else None, "versions": ckpt.versions()})
+            "train_seconds": st.elapsed, **extra,
+            "resume": f"ccl-repr train --resume {self.out}" if saved else None, "versions": ckpt.versions()})
 
-    stop, watch = StopRequest(), DivergenceGuard(model, device)
-    progress = Progress(epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch,
-                        start_step=step, desc=f"{cfg.method} {cfg.model.name}", device=device,
-                        enabled=cfg.train.progress and ddp.is_main)  # one voice: rank 0's under torchrun
-    board = tblog.TensorBoardLog(out, resume_epoch=start_epoch if state is not None else None) \
-        if cfg.train.tensorboard and ddp.is_main else None
-    model.train()
+
+def _run_epochs(loop: _Loop, st: TrainingState) -> None:
+    """Every remaining epoch, then the final checkpoint; a divergence or an interruption writes
+    its status into summary.json before it propagates."""
+    st.model.train()
     try:
-        with stop:
-            for epoch in range(start_epoch, cfg.train.epochs):
-                progress.set_epoch(epoch + 1)
-                t0 = time.perf_counter()
-                if partial is not None:  # resumed mid-epoch: continue the saved permutation
-                    order, done, carried = partial["order"].to(device), partial["batches"], partial["seconds"]
-                    sums: dict[str, Tensor] = {k: v.to(device) for k, v in partial["sums"].items()}
-                    partial = None
-                else:
-                    order, done, carried, sums = shuffle_order(bundle.train, shuffle), 0, 0.0, {}
-                n_batches = done
-                for x, y in batches(bundle.train, cfg.train.batch_size, order=order, start=done, augment_with=aug):
-                    optim.zero_grad()
-                    losses = ddp.backward(method, model, x, y)  # this rank's shard, gradients all-reduced
-                    total = sum(losses.values())
-                    optim.clip_and_step()
-                    for k, v in losses.items():
-                        sums[k] = sums.get(k, 0) + v.detach()
-                    n_batches += 1
-                    step += 1
-                    watch.observe(total, step)  # device-side; read below, where a sync happens anyway
-                    progress.step(step, sums, n_batches)  # its running loss is read without a host sync
-                    for hook in hooks:
-                        record = hook(step=step, epoch=epoch + 1, model=model, x=x, y=y, method=method)
-                        if record:
-                            ckpt.append_jsonl(out / DIAGNOSTICS, {"step": step, "epoch": epoch + 1, **record})
-                    if step % CHECK_EVERY == 0:
-                        watch.check(step=step, epoch=epoch + 1, loss_sums=sums, last_good=last_good())
-                    if n_batches < steps_per_epoch and ddp.stop_agreed(stop.requested, step):
-                        # Stop between two optimiser steps: the state is consistent and resumable.
-                        watch.check(step=step, epoch=epoch + 1, loss_sums=sums, last_good=last_good())
-                        save_state(epoch, partial={"order": order, "batches": n_batches, "sums": sums,
-                                                   "seconds": carried + time.perf_counter() - t0})
-                        raise Interrupted(f"interrupted in epoch {epoch + 1} at step {step}; checkpoint written, "
-                                          f"continue with: ccl-repr train --resume {out}", stop.signum or 2)
-                train_losses = {k: v.item() / n_batches for k, v in ddp.average(sums).items()}  # one sync per epoch
-                step_seconds = carried + time.perf_counter() - t0
-                elapsed += step_seconds
-                watch.check(step=step, epoch=epoch + 1, loss_sums=sums, last_good=last_good())
-                val = evaluate(model, bundle.val, batch_size=cfg.train.eval_batch_size, bundle=bundle) if len(bundle.val) else \
-                    evaluate(model, bundle.train, batch_size=cfg.train.eval_batch_size, bundle=bundle)
-                if _better(selection_metric(model.task, cfg.train.select), val, best):
-                    best, best_epoch = val, epoch + 1
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                row = {"epoch": epoch + 1, "step": step, **{f"train/{k}": v for k, v in train_losses.items()},
-                       **{f"val/{k}": v for k, v in val.items()}, **{f"lr/{k}": v for k, v in optim.lrs().items()},
-                       "epoch_seconds": step_seconds, "samples_per_second": len(bundle.train) / step_seconds}
-                rows.append(row)
-                ckpt.append_jsonl(out / ckpt.METRICS, row)
-                progress.epoch_end(epoch + 1, train_losses, val, step_seconds)
-                if board is not None:
-                    board.write(row)
-                every = cfg.train.checkpoint_every
-                halt = ddp.stop_agreed(stop.requested, step, boundary=True)  # same answer on every rank
-                if epoch + 1 < cfg.train.epochs and (halt or (every and (epoch + 1) % every == 0)):
-                    save_state(epoch + 1)
-                if halt and epoch + 1 < cfg.train.epochs:
-                    raise Interrupted(f"interrupted after epoch {epoch + 1} at step {step}; checkpoint written, "
-                                      f"continue with: ccl-repr train --resume {out}", stop.signum or 2)
-            save_state(cfg.train.epochs)
+        with loop.stop:
+            for epoch in range(st.epoch, loop.cfg.train.epochs):
+                loop.progress.set_epoch(epoch + 1)
+                train_losses, seconds = _train_epoch(loop, st, epoch)
+                _end_epoch(loop, st, epoch, train_losses, seconds)
+            loop.save(st, loop.cfg.train.epochs)
     except DivergenceError as e:
-        write_status("diverged", error=str(e))
+        loop.write_status(st, "diverged", error=str(e))
         raise
     except KeyboardInterrupt as e:  # Interrupted (checkpoint just written) or a second Ctrl-C
-        write_status("interrupted", error=str(e) or "interrupted")
+        loop.write_status(st, "interrupted", error=str(e) or "interrupted")
         raise
     finally:
-        progress.close()
-        if board is not None:
-            board.close()
+        loop.progress.close()
+        if loop.board is not None:
+            loop.board.close()
 
-    model.load_state_dict(best_state)
-    return _finish(out, cfg, model, bundle, device, meta, best=best, best_epoch=best_epoch,
-                   best_state=best_state, elapsed=elapsed)
+
+def _train_epoch(loop: _Loop, st: TrainingState, epoch: int) -> tuple[dict[str, float], float]:
+    """One epoch of optimiser steps (or its rest, resumed mid-epoch): the mean training losses,
+    read once, and the seconds it took. A stop request ends it between two steps with a checkpoint."""
+    cfg, ddp, device = loop.cfg, loop.ddp, st.device
+    t0 = time.perf_counter()
+    if st.partial is not None:  # resumed mid-epoch: continue the saved permutation
+        p, st.partial = st.partial, None
+        order, done, carried = p["order"].to(device), p["batches"], p["seconds"]
+        sums: dict[str, Tensor] = {k: v.to(device) for k, v in p["sums"].items()}
+    else:
+        order, done, carried, sums = shuffle_order(loop.bundle.train, st.shuffle), 0, 0.0, {}
+    n_batches = done
+    for x, y in batches(loop.bundle.train, cfg.train.batch_size, order=order, start=done, augment_with=st.aug):
+        st.optim.zero_grad()
+        losses = ddp.backward(st.rule, st.model, x, y)  # this rank's shard, gradients all-reduced
+        st.optim.clip_and_step()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0) + v.detach()
+        n_batches += 1
+        st.step += 1
+        loop.watch.observe(sum(losses.values()), st.step)  # device-side; read where a sync happens anyway
+        loop.progress.step(st.step, sums, n_batches)  # its running loss is read without a host sync
+        _call_hooks(loop, st, epoch, x, y)
+        if st.step % CHECK_EVERY == 0:  # rank-averaged sums: every rank decides alike
+            loop.watch.check(step=st.step, epoch=epoch + 1, loss_sums=ddp.average(sums),
+                             last_good=loop.last_good(st), batches=n_batches)
+        if n_batches < loop.steps_per_epoch and ddp.stop_agreed(loop.stop.requested, st.step):
+            # Stop between two optimiser steps: the state is consistent and resumable.
+            loop.watch.check(step=st.step, epoch=epoch + 1, loss_sums=ddp.average(sums),
+                             last_good=loop.last_good(st), batches=n_batches)
+            loop.save(st, epoch, partial={"order": order, "batches": n_batches, "sums": sums,
+                                          "seconds": carried + time.perf_counter() - t0})
+            raise Interrupted(f"interrupted in epoch {epoch + 1} at step {st.step}; checkpoint written, "
+                              f"continue with: ccl-repr train --resume {loop.out}", loop.stop.signum or 2)
+    train_losses = {k: v.item() / n_batches for k, v in ddp.average(sums).items()}  # one sync per epoch
+    seconds = carried + time.perf_counter() - t0
+    loop.watch.check(step=st.step, epoch=epoch + 1, loss_sums=sums, last_good=loop.last_good(st),
+                     means=train_losses)  # read above, averaged over ranks
+    return train_losses, seconds
+
+
+def _call_hooks(loop: _Loop, st: TrainingState, epoch: int, x: Tensor, y: Tensor) -> None:
+    for hook in loop.hooks:
+        record = hook(step=st.step, epoch=epoch + 1, model=st.model, x=x, y=y, method=st.rule)
+        if record:
+            ckpt.append_jsonl(loop.out / DIAGNOSTICS, {"step": st.step, "epoch": epoch + 1, **record})
+
+
+def _end_epoch(loop: _Loop, st: TrainingState, epoch: int, train_losses: dict[str, float], seconds: float) -> None:
+    """Validation, the best epoch, the metrics row, and the epoch's checkpoint (or the stop)."""
+    cfg, bundle = loop.cfg, loop.bundle
+    st.elapsed += seconds
+    split = bundle.val if len(bundle.val) else bundle.train
+    val = evaluate(st.model, split, batch_size=cfg.train.eval_batch_size, bundle=bundle)
+    if _better(selection_metric(st.model.task, cfg.train.select), val, st.best):
+        st.best, st.best_epoch = val, epoch + 1
+        st.best_state = {k: v.detach().clone() for k, v in st.model.state_dict().items()}
+    row = {"epoch": epoch + 1, "step": st.step, **{f"train/{k}": v for k, v in train_losses.items()},
+           **{f"val/{k}": v for k, v in val.items()}, **{f"lr/{k}": v for k, v in st.optim.lrs().items()},
+           "epoch_seconds": seconds, "samples_per_second": len(bundle.train) / seconds}
+    st.rows.append(row)
+    ckpt.append_jsonl(loop.out / ckpt.METRICS, row)
+    loop.progress.epoch_end(epoch + 1, train_losses, val, seconds)
+    if loop.board is not None:
+        loop.board.write(row)
+    every, last = cfg.train.checkpoint_every, epoch + 1 >= cfg.train.epochs
+    halt = loop.ddp.stop_agreed(loop.stop.requested, st.step, boundary=True)  # same answer on every rank
+    if not last and (halt or (every and (epoch + 1) % every == 0)):
+        loop.save(st, epoch + 1)
+    if halt and not last:
+        raise Interrupted(f"interrupted after epoch {epoch + 1} at step {st.step}; checkpoint written, "
+                          f"continue with: ccl-repr train --resume {loop.out}", loop.stop.signum or 2)
 
 
 def _on_device(bundle: DataBundle, device: torch.device) -> DataBundle:
@@ -290,21 +296,17 @@ def _on_device(bundle: DataBundle, device: torch.device) -> DataBundle:
     return dataclasses.replace(bundle, **splits)
 
 def _build(cfg: Config, device: torch.device, ddp: Any, *, model: DualNetwork | None,
-           data: DataBundle | None) -> tuple[DataBundle, DualNetwork, Any, Optimizers, int]:
+           data: DataBundle | None) -> tuple[DataBundle, DualNetwork, LearningRule, Optimizers, int]:
     """Data, model (given or from the registry), learning rule and optimisers, in the order the
     seeded random streams expect (data split, then weight init)."""
     bundle = (load_data(cfg.data, device=device, seed=cfg.seed, progress=cfg.train.progress and ddp.is_main)
               if data is None else _on_device(data, device))
-    if model is None:
-        model = build_model(cfg.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
-    model = model.to(device)
-    method = make_method(cfg)
-    method.prepare(model)
-    fastpath.apply(model, method, cfg.train, device, bundle)
-    ddp.broadcast_parameters(model)
     steps_per_epoch = math.ceil(len(bundle.train) / cfg.train.batch_size)
-    optim = Optimizers(model, cfg.optim, total_steps=cfg.train.epochs * steps_per_epoch)
-    return bundle, model, method, optim, steps_per_epoch
+    model, rule, optim = build_trainable(cfg, input_shape=bundle.input_shape, num_classes=bundle.num_classes,
+                                         total_steps=cfg.train.epochs * steps_per_epoch, device=device, model=model)
+    fastpath.apply(model, rule, cfg.train, device, bundle)
+    ddp.broadcast_parameters(model)
+    return bundle, model, rule, optim, steps_per_epoch
 
 
 def _open_run_dir(out: Path, cfg: Config, meta: dict, *, overwrite: bool) -> None:
@@ -326,11 +328,11 @@ def _trim_to_checkpoint(out: Path, rows: list[dict], step: int) -> None:
 
 
 def _finish(out: Path, cfg: Config, model: DualNetwork, bundle: DataBundle, device: torch.device, meta: dict,
-            *, best: dict, best_epoch: int, best_state: dict, elapsed: float) -> dict:
+            *, best: dict, best_epoch: int, best_state: dict, elapsed: float, rule_state: dict) -> dict:
     """Save the tested weights (the best validation epoch's, already loaded), test them, draw the
     figures and write summary.json."""
     ckpt.save_checkpoint(out / ckpt.MODEL, {"model": best_state, "model_meta": meta, "epoch": best_epoch,
-                                            "config": cfg.to_dict()})
+                                            "rule": rule_state, "config": cfg.to_dict()})
     ckpt.save_safetensors(out / ckpt.SAFETENSORS, best_state, config=cfg.to_dict(), meta=meta)
     test = evaluate(model, bundle.test, batch_size=cfg.train.eval_batch_size, bundle=bundle)
     summary = {

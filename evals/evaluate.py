@@ -7,8 +7,9 @@ would only measure the label); the weights of the best validation epoch ("tested
 own data split (same seed, so the probe's C is chosen on the run's validation split); baselines
 pixels, PCA of the layer's width and the same architecture at random init (seed 0); UMAP of the
 feature layer (``model.feature_index``) with the feedback network in the same map; CKA on 2000
-test samples for random init, the tested weights and the last epoch's weights; CCL update vs
-backprop angles on the first 256 training samples; device "auto" (CUDA when present). Each
+test samples for random init, the tested weights and the last epoch's weights; the run's own
+learning rule's update vs backprop angles (and its weight alignment, where it has feedback weights)
+on the first 256 training samples; device "auto" (CUDA when present). Each
 protocol's own defaults (probe C grid, kNN k and T, UMAP n_neighbors and min_dist) are stated at
 the top of its module; ``EvalConfig.probe/knn/umap`` override them and eval.json records the
 values used (``settings``), the time per protocol (``timings``) and, with a baseline cache
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from ccl_repr import checkpoint as ckpt
 from ccl_repr.fastpath import resolve_device
-from ccl_repr.methods import CCL
+from ccl_repr.rules import LearningRule, make_rule
 from ccl_repr.models import DualNetwork
 
 from . import EvalError
@@ -153,7 +154,7 @@ def evaluate_run(run_dir: Path | str, *, out_dir: Path | str | None = None, data
             with _timed(result, "align"):
                 log("alignment")
                 bar.set_postfix_str("alignment")
-                result["alignment"] = _alignment(run, random_model)
+                result["alignment"] = _alignment(run, random_model, config.weights)
                 bar.update()
     result["seconds"] = time.perf_counter() - t_start
     write_report(result, out)
@@ -344,14 +345,58 @@ def _cka(run, model: DualNetwork, random_model: DualNetwork, config: EvalConfig,
     return rec
 
 
-def _alignment(run, random_model: DualNetwork) -> dict:
-    """Weight alignment and CCL-vs-backprop angles, trained weights next to random init."""
+def _saved_rule_state(run_dir: Path, weights: str) -> tuple[dict | None, str | None]:
+    """(the learning rule's state saved beside the evaluated weights, the file it came from):
+    model.pt for 'tested' (checkpoint.pt when a run has none), checkpoint.pt for 'last';
+    (None, None) for a lone .safetensors file or a checkpoint saved without a "rule" entry."""
+    if not Path(run_dir).is_dir():
+        return None, None
+    path = Path(run_dir) / (ckpt.MODEL if weights == "tested" else ckpt.CHECKPOINT)
+    if weights == "tested" and not path.exists():
+        path = Path(run_dir) / ckpt.CHECKPOINT
+    if not path.exists():
+        return None, None
+    state = ckpt.load_checkpoint(path).get("rule")
+    return (state, path.name) if isinstance(state, dict) else (None, None)
+
+
+def run_rule(run, model: DualNetwork, weights: str = "tested") -> tuple[LearningRule, str]:
+    """The run's learning rule (``make_rule(run.cfg)``) prepared on ``model``, with the state saved
+    beside the evaluated weights (e.g. fixed random feedback matrices); without a saved state, the
+    one ``prepare`` draws from the run's seed. Returns (rule, where its state came from)."""
+    rule = make_rule(run.cfg)
+    rule.prepare(model)
+    state, source = _saved_rule_state(run.run_dir, weights)
+    if not rule.state_dict():
+        return rule, "none (the rule keeps no state)"
+    if state is None:
+        return rule, "drawn from the run's seed (no saved rule state)"
+    try:
+        rule.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:  # a tensor of another shape: not this model's rule
+        raise EvalError(f"the {rule.name} rule state in {source} does not fit the model "
+                        f"({str(e).splitlines()[0][:160]}); the run folder's files disagree") from None
+    return rule, f"loaded from {source}"
+
+
+def _alignment(run, random_model: DualNetwork, weights: str = "tested") -> dict:
+    """Weight alignment and the run's own rule's update vs backprop angles, trained weights next
+    to random init (with its own instance of the rule, holding the same saved state)."""
     device = next(run.model.parameters()).device
     x, y = run.data.train.x[:ANGLE_BATCH].to(device), run.data.train.y[:ANGLE_BATCH].to(device)
-    ccl = CCL(run.cfg.loss)
-    return {"weight_alignment": weight_alignment(run.model),
-            "weight_alignment_random_init": weight_alignment(random_model),
-            "update_angle_degrees": update_angles(run.model, x, y, method=ccl),
-            "update_angle_degrees_random_init": update_angles(random_model, x, y, method=ccl),
-            "protocol": {"batch": f"first {len(y)} training samples", "loss": "the run's CCL loss config",
-                         "conv_transpose": "channels swapped, kernel flipped (adjoint)"}}
+    rule, source = run_rule(run, run.model, weights)
+    random_rule, _ = run_rule(run, random_model, weights)
+    align = weight_alignment(run.model, rule=rule)
+    return {"rule": rule.name, "rule_state": source,
+            "weight_alignment": align,
+            "weight_alignment_random_init": weight_alignment(random_model, rule=random_rule),
+            "update_angle_degrees": update_angles(run.model, x, y, rule=rule),
+            "update_angle_degrees_random_init": update_angles(random_model, x, y, rule=random_rule),
+            "protocol": {"batch": f"first {len(y)} training samples",
+                         "update": f"the {rule.name} rule's own backward() gradient on F's parameters "
+                                   f"vs the backprop gradient (run's loss config)",
+                         "feedback_weight": (f"cos(U_l, W_l), W_l = the {rule.name} rule's feedback_weights() "
+                                             f"in U_l's layout (CCL: V_l^T; conv: channels swapped, kernel "
+                                             f"flipped, the adjoint)") if align is not None else
+                                            (f"not applicable: the {rule.name} rule has no per-layer feedback "
+                                             f"weight in U_l's layout")}}

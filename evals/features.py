@@ -161,8 +161,9 @@ def prototypes(model: DualNetwork, *, layers: Sequence[LayerSpec] | LayerSpec | 
 # --------------------------------------------------------------------------- run folders
 
 @dataclass
-class Run:
-    """A trained run, rebuilt through ``ccl_repr.checkpoint``, with the data it was trained on
+class RunWithData:
+    """A trained run (for evaluations; the user-facing handle is :class:`ccl_repr.api.Run`), rebuilt
+    through ``ccl_repr.checkpoint``, with the data it was trained on
     (same seed, so the same validation split)."""
     run_dir: Path
     cfg: object
@@ -171,11 +172,11 @@ class Run:
 
 
 def open_run(run_dir: Path | str, *, weights: str = "tested", data_root: str | None = None,
-             device: str | torch.device = "cpu") -> Run:
+             device: str | torch.device = "cpu") -> RunWithData:
     cfg, model = ckpt.load_run(Path(run_dir), weights=weights)
     data_cfg = dataclasses.replace(cfg.data, root=data_root) if data_root else cfg.data
     data = load_data(data_cfg, device="cpu", seed=cfg.seed)
-    return Run(Path(run_dir), cfg, model.to(device).eval(), data)
+    return RunWithData(Path(run_dir), cfg, model.to(device).eval(), data)
 
 
 # --------------------------------------------------------------------------- scikit-learn

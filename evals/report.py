@@ -98,15 +98,17 @@ def markdown(result: dict) -> str:
                   f"a_l, columns: feedback layers b_m; one panel per checkpoint. Numbers in cka.json.", ""]
     if "alignment" in result:
         a = result["alignment"]
+        rule = a.get("rule", result.get("method", "CCL"))
+        align, align0 = a.get("weight_alignment") or {}, a.get("weight_alignment_random_init") or {}
         lines += ["## Weight alignment and update angle", "",
-                  "| layer | cos(U, V^T) | at random init | angle(CCL update, backprop) ° | at random init ° |",
+                  f"| layer | cos(U, W) | at random init | angle({rule} update, backprop) ° | at random init ° |",
                   "|---|---:|---:|---:|---:|"]
-        for name, v in a["weight_alignment"].items():
-            lines.append(f"| {name} | {v:.3f} | {_num(a['weight_alignment_random_init'].get(name), 3)} | "
-                         f"{_num(a['update_angle_degrees'].get(name), 1)} | "
+        for name, v in a["update_angle_degrees"].items():
+            lines.append(f"| {name} | {_num(align.get(name), 3)} | {_num(align0.get(name), 3)} | {_num(v, 1)} | "
                          f"{_num(a['update_angle_degrees_random_init'].get(name), 1)} |")
-        lines += ["", "An angle is – where one of the two gradients is zero (backprop at an init whose "
-                  "outermost weights are zero).", ""]
+        weight = a.get("protocol", {}).get("feedback_weight", "W = V^T")
+        lines += ["", f"Weight alignment: {weight}. An angle is – where one of the two gradients is zero "
+                  "(backprop at an init whose outermost weights are zero).", ""]
     t = result.get("timings", {})
     split = ", ".join(f"{k} {v:.1f}" for k, v in t.items())
     lines.append(f"Evaluation took {result.get('seconds', 0):.1f} s{f' ({split} s)' if split else ''}. "

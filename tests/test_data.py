@@ -9,7 +9,7 @@ import torch
 
 from ccl_repr.cli import main
 from ccl_repr.config import DataConfig
-from ccl_repr.data import augment, batches, load_data
+from ccl_repr.data import Split, augment, batches, load_data, make_bundle
 from ccl_repr.errors import DataError
 from ccl_repr.splits import class_quota, stratified_sample
 
@@ -64,20 +64,83 @@ def test_torchvision_name_on_an_image_folder_points_to_imagefolder(tmp_path):
         load_data(DataConfig(name="cifar10", root=str(tmp_path)))
 
 
-def test_augment_keeps_shape_and_content_statistics():
-    g = torch.Generator().manual_seed(0)
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    out = augment(x, g, pad=0)  # no padding: only flips, so the pixel multiset is unchanged
-    assert out.shape == x.shape and torch.equal(out.sort().values, x.sort().values)
-    shifted = augment(torch.ones(4, 1, 8, 8), g, pad=4)
-    assert shifted.shape == (4, 1, 8, 8) and float(shifted.sum()) <= 4 * 64
+def _crops_and_flips(image: torch.Tensor, pad: int) -> dict[tuple[int, int, bool], torch.Tensor]:
+    """Every output augment may give for one image, computed here on its own: each crop of the
+    image zero-padded by ``pad`` (offset (oy, ox), 0..2*pad each), plain and mirrored left-right."""
+    c, h, w = image.shape
+    padded = torch.zeros(c, h + 2 * pad, w + 2 * pad)
+    padded[:, pad:pad + h, pad:pad + w] = image
+    crops = {(oy, ox): padded[:, oy:oy + h, ox:ox + w] for oy in range(2 * pad + 1) for ox in range(2 * pad + 1)}
+    return {(oy, ox, flip): crop.flip(-1) if flip else crop for (oy, ox), crop in crops.items() for flip in (False, True)}
 
 
-def test_batches_cover_every_sample_once():
-    b = load_data(DataConfig(name="digits"), seed=0)
+def _how_augmented(x: torch.Tensor, out: torch.Tensor, pad: int) -> list[tuple[int, int, bool]]:
+    """(oy, ox, flipped) of each output; fails unless it is exactly one crop/flip of its own input."""
+    found = []
+    for i, (image, result) in enumerate(zip(x, out)):
+        matches = [key for key, crop in _crops_and_flips(image, pad).items() if torch.equal(crop, result)]
+        assert len(matches) == 1, f"sample {i} is no crop (pad {pad}) + horizontal flip of its own image"
+        found.append(matches[0])
+    return found
+
+
+def test_augment_crops_and_flips_each_image_at_random():
+    """Every pixel is distinct and non-zero, so each output identifies its crop offset and flip."""
+    x = torch.arange(1, 1 + 48 * 2 * 6 * 6, dtype=torch.float32).reshape(48, 2, 6, 6)
+    out = augment(x, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == x.shape
+    found = _how_augmented(x, out, pad=2)
+    flipped = sum(flip for _, _, flip in found)
+    assert 8 <= flipped <= 40, f"{flipped} of 48 flipped; expected about half"
+    assert sum((oy, ox) != (2, 2) for oy, ox, _ in found) >= 30, "most samples are shifted (p = 24/25 each)"
+    assert len({(oy, ox) for oy, ox, _ in found}) >= 12, "each sample draws its own offset"
+    assert {oy for oy, _, _ in found} == {0, 1, 2, 3, 4} == {ox for _, ox, _ in found}, "every offset in 0..2*pad"
+    again = augment(x, torch.Generator().manual_seed(0), pad=2)
+    other = augment(x, torch.Generator().manual_seed(1), pad=2)
+    assert torch.equal(out, again) and not torch.equal(out, other)  # the generator alone decides
+    flips_only = augment(x, torch.Generator().manual_seed(0), pad=0)
+    assert {(oy, ox) for oy, ox, _ in _how_augmented(x, flips_only, pad=0)} == {(0, 0)}
+    assert 0 < sum(not torch.equal(a, b) for a, b in zip(flips_only, x)) < 48
+
+
+def _indexed_split(n: int = 103) -> Split:
+    """Image i is the constant i + 1 (so it names its index even when cropped); labels random."""
+    x = torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()
+    return Split(x=x, y=torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(0)))
+
+
+def test_batches_cover_every_sample_once_with_its_own_label():
+    split = _indexed_split()
     g = torch.Generator().manual_seed(0)
-    seen = torch.cat([y for _, y in batches(b.train, 100, generator=g)])
-    assert len(seen) == len(b.train) and torch.equal(seen.sort().values, b.train.y.sort().values)
+    for kwargs in (dict(generator=g), dict(generator=g, augment_with=torch.Generator().manual_seed(1)),
+                   dict(), dict(order=torch.randperm(len(split), generator=g))):
+        idx = []
+        for x, y in batches(split, 10, **kwargs):
+            i = x.amax(dim=(1, 2, 3)).long() - 1  # a crop at pad 4 of an 8x8 image keeps some of it
+            assert torch.equal(y, split.y[i]), f"{kwargs}: images and labels mis-paired"
+            idx.append(i)
+        assert torch.equal(torch.cat(idx).sort().values, torch.arange(len(split))), kwargs
+    skipped = torch.cat([x.amax(dim=(1, 2, 3)) for x, _ in batches(split, 10, start=3)]).long() - 1
+    assert torch.equal(skipped, torch.arange(30, len(split)))
+
+
+def test_every_split_keeps_each_image_with_its_label():
+    """Subsets, padding, the seeded validation split and standardisation move x and y together:
+    image i is the constant byte i, so (denormalised) it names its index in the source."""
+    gen = torch.Generator().manual_seed(0)
+
+    def source(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 6, 6).contiguous()
+        return x, torch.randint(0, 5, (n,), generator=gen)
+
+    train, test = source(250), source(120)
+    cfg = DataConfig(train_subset=200, test_subset=80, val_fraction=0.25, pad_to=8)
+    b = make_bundle("toy", train, test, 5, cfg, seed=3)
+    for name, split, (_, y) in (("train", b.train, train), ("val", b.val, train), ("test", b.test, test)):
+        i = (b.denormalize(split.x).amax(dim=(1, 2, 3)) * 255).round().long()
+        assert len(i.unique()) == len(split), f"{name}: an image appears twice"
+        assert torch.equal(split.y, y[i]), f"{name}: images and labels mis-paired"
+    assert (len(b.train), len(b.val), len(b.test)) == (150, 50, 80)
 
 
 def _rows(*splits) -> list[bytes]:

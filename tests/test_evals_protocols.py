@@ -7,7 +7,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from ccl_repr.config import LossConfig, ModelConfig
-from ccl_repr.methods import CCL
+from ccl_repr.rules import CCL
 from ccl_repr.models import build_model
 from evals import EvalError
 from evals.alignment import DiagnosticsHook, update_angles, weight_alignment
@@ -114,8 +114,8 @@ def test_weight_alignment_linear_and_conv_adjoint():
                     u, v = layer.projections()
                     w = u.weight
                     v.weight.copy_(w.T if w.dim() == 2 else w.transpose(0, 1).flip(-2, -1))
-        assert all(c == pytest.approx(1.0) for c in weight_alignment(model).values())
-    assert all(abs(c) < 0.5 for c in weight_alignment(small("cnn_strided")).values())
+        assert all(c == pytest.approx(1.0) for c in weight_alignment(model, rule=CCL(LossConfig())).values())
+    assert all(abs(c) < 0.5 for c in weight_alignment(small("cnn_strided"), rule=CCL(LossConfig())).values())
 
 
 def test_update_angles_and_training_hook_leave_model_unchanged():
@@ -124,7 +124,7 @@ def test_update_angles_and_training_hook_leave_model_unchanged():
     ccl = CCL(LossConfig())
     ccl.prepare(model)
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    angles = update_angles(model, x, y, method=ccl)
+    angles = update_angles(model, x, y, rule=ccl)
     assert set(angles) == {"linear1", "linear2", "output"} and angles["output"] == pytest.approx(0.0, abs=1e-3)
     assert all(0 <= a <= 180 for a in angles.values())
     assert all(layer.detach for layer in model.layers) and model.training

@@ -11,7 +11,8 @@ import torch
 from ccl_repr.config import LossConfig, ModelConfig, NetOptimConfig, OptimConfig, make_config
 from ccl_repr.guard import Interrupted
 from ccl_repr.losses import flooding_mask
-from ccl_repr.methods import CCL, Optimizers, lr_factor
+from ccl_repr.optim import Optimizers, lr_factor
+from ccl_repr.rules import CCL
 from ccl_repr.models import build_model
 from ccl_repr.train import _better, selection_metric, train
 

@@ -24,8 +24,8 @@ def small_model(name: str, **kw) -> DualNetwork:
 
 
 def test_every_classifier_in_registry_has_a_small_test_config():
-    from ccl_repr.models import _REGISTRY
-    missing = [n for n in _REGISTRY if n not in SMALL and not n.startswith("ae_")]
+    from ccl_repr.registry import MODELS
+    missing = [n for n in MODELS if n not in SMALL and not n.startswith("ae_")]
     assert not missing, f"add a small test config for {missing}"
 
 

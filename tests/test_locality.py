@@ -7,7 +7,7 @@ import torch
 
 from ccl_repr.config import LossConfig
 from ccl_repr.losses import classification_pair_loss, match_matrix
-from ccl_repr.methods import CCL, Backprop
+from ccl_repr.rules import CCL, Backprop
 from tests.test_layers_models import CLASSIFIERS, small_model
 
 

@@ -10,7 +10,7 @@ import torch
 
 from ccl_repr.config import list_recipes, make_config
 from ccl_repr.data import TORCHVISION
-from ccl_repr.methods import Optimizers, make_method
+from ccl_repr.builder import build_trainable
 from ccl_repr.models import build_model
 
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32),
@@ -38,14 +38,29 @@ def test_recipe_resolves_and_steps(recipe, method):
         widths = [max(4, layer.out_shape[0] // 16) for layer in full.layers[:-1]]
         n_enc = full.feature_index
         cfg.model = dataclasses.replace(cfg.model, widths=widths[:n_enc] if full.task == "reconstruct" else widths)
-    model = build_model(cfg.model, input_shape=(c, h, w), num_classes=CLASSES[cfg.data.name])
-    m = make_method(cfg)
-    m.prepare(model)
-    opt = Optimizers(model, cfg.optim, total_steps=10)
+    model, m, opt = build_trainable(cfg, input_shape=(c, h, w), num_classes=CLASSES[cfg.data.name], total_steps=10)
     x, y = torch.randn(4, c, h, w), torch.arange(4) % CLASSES[cfg.data.name]
-    before = [p.clone() for p in model.network_parameters("forward")]
+    nets = {net: list(model.network_parameters(net)) for net in ("forward", "feedback")}
+    grads = dict(zip(nets, _split(nets, torch.autograd.grad(
+        sum(m.losses(model, x, y).values()), [p for ps in nets.values() for p in ps], allow_unused=True))))
+    before = {net: [p.detach().clone() for p in ps] for net, ps in nets.items()}
     opt.step(sum(m.losses(model, x, y).values()))
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.network_parameters("forward")))
+    for net, ps in nets.items():
+        moved = [(p.detach() - b, g) for p, b, g in zip(ps, before[net], grads[net]) if g is not None]
+        if getattr(cfg.optim, net).lr == 0 or not moved:  # BP's feedback network: no lr, no gradient
+            continue
+        step, grad = (torch.cat([t.flatten() for t in ts]) for ts in zip(*moved))
+        assert step.any(), f"{net} network did not move"
+        # Downhill: the step opposes the gradient of the loss it took. Weight decay alone turns it
+        # from -1 (down to about -0.2 for the BP autoencoders, whose first gradients are tiny).
+        cosine = torch.nn.functional.cosine_similarity(step, grad, dim=0).item()
+        assert cosine < 0, f"{net} network stepped uphill: cosine(step, gradient) = {cosine:.3f}"
+
+
+def _split(nets: dict[str, list], flat: tuple) -> list[tuple]:
+    """Undo the concatenation of the networks' parameter lists."""
+    sizes = [len(ps) for ps in nets.values()]
+    return [flat[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
 
 
 def test_method_sections_differ_where_the_paper_differs():

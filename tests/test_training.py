@@ -8,7 +8,8 @@ from ccl_repr.cli import main
 from ccl_repr.config import LossConfig, ModelConfig, OptimConfig, NetOptimConfig
 from ccl_repr.data import load_data
 from ccl_repr.config import DataConfig
-from ccl_repr.methods import CCL, Backprop, Optimizers, lr_factor
+from ccl_repr.optim import Optimizers, lr_factor
+from ccl_repr.rules import CCL, Backprop
 from ccl_repr.models import build_model
 
 

@@ -1,0 +1,168 @@
+"""Counter-current learning: layer-pair losses between the forward network F and the feedback network G.
+
+Every layer's input is detached, so each gradient is local (the paper's method, Eq. 2): one
+``backward()`` over the sum of the pair losses updates all layers at once. With
+``layerwise=True`` each pair loss is backpropagated as soon as the pair exists, so F's
+activations are freed layer by layer and peak memory stays flat in depth.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from ..config import Config, LossConfig
+from ..errors import ShapeError
+from ..losses import ae_pair_loss, classification_pair_loss, flooding_mask, match_matrix
+from ..network import DualNetwork
+from ..registry import RULES
+from .base import LearningRule
+
+
+@RULES.register("ccl", "counter-current learning (the paper): layer-pair losses between F and G, every input detached")
+class CCL(LearningRule):
+    """Counter-current learning (the paper's method, Eq. 2).
+
+    Signals: layer l of F (U_l) and layer l+1 of G (V_{l+1}) are trained by the pair loss between
+    a_l = F's activation and b_l = G's activation at that boundary, both computed from detached
+    inputs; F's output layer U_L by the task loss on a_L (classifier) or every boundary by an MSE
+    pair loss (autoencoder). No error signal crosses a layer. Trains both networks.
+    """
+
+    name = "ccl"
+    tasks = ("classify", "reconstruct")
+    trains = ("forward", "feedback")
+    detach_inputs = True
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "CCL":
+        return cls(cfg.loss, layerwise=cfg.train.layerwise)
+
+    def __init__(self, cfg: LossConfig, *, layerwise: bool = False) -> None:
+        self.cfg, self.layerwise = cfg, layerwise
+
+    def losses(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        cfg = self.cfg
+        a = model.forward_intermediates(x)
+        b = model.feedback_intermediates(model.feedback_input(x, y, targets=cfg.targets))
+        out: dict[str, Tensor] = {}
+        if model.task == "reconstruct":
+            last = len(model.layers)
+            for l in model.pair_indices(include_output=True):
+                out[f"pair/{model.layer_names[l]}"] = ae_pair_loss(a[l], b[l], form=cfg.ae_form,
+                                                                   inner=0 < l < last,
+                                                                   anti_collapse=cfg.ae_anti_collapse)
+            return out
+        assert model.num_classes is not None
+        logits = a[-1]
+        y_match = match_matrix(y, model.num_classes, y if cfg.targets == "samples" else None)
+        mask = flooding_mask(logits, y, cfg.flooding) if cfg.flooding > 0 else None
+        for l in model.pair_indices(include_output=False):
+            out[f"pair/{model.layer_names[l]}"] = self._class_pair(a[l], b[l], y_match, mask)
+        # The output layer U_L is trained by the task loss on a_L; its input is detached too.
+        out["ce"] = F.cross_entropy(logits, y)
+        return out
+
+    def _class_pair(self, a: Tensor, b: Tensor, y_match: Tensor, mask: Tensor | None) -> Tensor:
+        cfg = self.cfg
+        a = a if mask is None else a * mask.view(-1, *([1] * (a.dim() - 1)))
+        return classification_pair_loss(a, b, y_match, form=cfg.form, scale=cfg.scale,
+                                        anti_collapse=cfg.anti_collapse)
+
+    def feedback_weights(self, model: DualNetwork) -> dict[str, Tensor]:
+        """V_l^T in U_l's layout for every layer with weights: the paper's analysis of U_l vs V_l^T
+        (G's layer carries b_l down where backprop would use U_l^T)."""
+        out = {}
+        for i, layer in enumerate(model.layers):
+            if layer.has_params:
+                u, v = layer.projections()
+                out[model.layer_names[i + 1]] = transposed_feedback_weight(u.weight, v.weight)
+        return out
+
+    def backward(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Losses and their gradients (accumulated into ``.grad``); returns the losses detached."""
+        if self.layerwise:
+            return self._layerwise_backward(model, x, y)
+        return super().backward(model, x, y)
+
+    def _layerwise_backward(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """The summed step's gradients with memory flat in depth.
+
+        F runs bottom-up and G top-down, so one network's values must wait for the other: G's
+        are kept, as values without graphs (with prototype targets each b_l is only C x d). F is
+        walked bottom-up; at each pair, b_l's one feedback layer is rebuilt with its graph and the
+        pair loss is backpropagated at once, which frees a_l's and b_l's graphs before a_{l+1}
+        is built. Every parameter receives gradient from exactly one loss term (all inputs are
+        detached: the paper's method), so the accumulated gradients equal those of ``sum(losses).backward()``.
+        Costs: G's forward twice (C x d rows with prototypes: negligible; a second G pass for
+        per-sample targets and autoencoders), and with flooding one gradient-free forward of F
+        for the mask, which needs the final logits before the first pair."""
+        cfg, n = self.cfg, len(model.layers)
+        reconstruct = model.task == "reconstruct"
+        pairs = set(model.pair_indices(include_output=reconstruct))
+        with torch.no_grad(), self.autocast():
+            b = model.feedback_intermediates(model.feedback_input(x, y, targets=cfg.targets))
+        model.check_input(x)
+        y_match = mask = None
+        if not reconstruct:
+            assert model.num_classes is not None
+            y_match = match_matrix(y, model.num_classes, y if cfg.targets == "samples" else None)
+            if cfg.flooding > 0:
+                with torch.no_grad(), self.autocast():
+                    mask = flooding_mask(model(x), y, cfg.flooding)
+        out: dict[str, Tensor] = {}
+
+        def apply(key: str, loss: Tensor) -> None:
+            if loss.requires_grad:
+                loss.backward()
+            out[key] = loss.detach()
+
+        a = x
+        for l in range(n + 1):
+            if l > 0:
+                with self.autocast():
+                    a = model.layers[l - 1](a)
+            if l not in pairs:
+                continue
+            with self.autocast():
+                bl = _feedback_with_graph(model, b, l)
+                loss = (ae_pair_loss(a, bl, form=cfg.ae_form, inner=0 < l < n,
+                                     anti_collapse=cfg.ae_anti_collapse) if reconstruct
+                        else self._class_pair(a, bl, y_match, mask))
+            apply(f"pair/{model.layer_names[l]}", loss)
+        if not reconstruct:
+            with self.autocast():
+                loss = F.cross_entropy(a, y)
+            apply("ce", loss)
+        return out
+
+
+def transposed_feedback_weight(u: Tensor, v: Tensor) -> Tensor:
+    """V^T in U's layout: the plain transpose for linear weights (U: out x in, V: in x out); for
+    conv weights (U: c_out x c_in x k x k, V: c_in x c_out x k x k) the kernel of V's adjoint (the
+    transposed convolution): channels swapped, kernel flipped in both spatial directions. Exact for
+    a stride-1 'same' conv; resampling around the conv (stride, pooling, upsampling) is ignored,
+    so comparisons with it compare kernels only."""
+    if v.dim() == 2:
+        return v.T
+    if v.dim() == 4:
+        return rearrange(v, "ci co kh kw -> co ci kh kw").flip(-2, -1)
+    raise ShapeError(f"V^T is defined for linear and 2-D conv weights, got a weight of shape {tuple(v.shape)}; "
+                     f"weight alignment applies to those layers only")
+
+
+def _feedback_with_graph(model: DualNetwork, b: list[Tensor], l: int) -> Tensor:
+    """b_l rebuilt with the graph that its pair loss trains, from the stored value above it.
+    Parameter-free layers (flatten) do not detach, so the rebuild starts above them."""
+    n = len(model.layers)
+    if l == n:
+        return b[n]  # the target: no parameters above it
+    k = l + 1
+    while k < n and not model.layers[k - 1].detach:
+        k += 1
+    t = b[k]
+    for j in range(k - 1, l - 1, -1):
+        t = model.layers[j].feedback(t)
+    return t
