@@ -149,6 +149,16 @@ class TrainConfig:
                    doc="classifiers: test the epoch of the best validation accuracy or of the lowest "
                        "validation cross-entropy (published code); autoencoders: lowest val MSE either way")
     layerwise: bool = _opt(False, doc="CCL only: backpropagate each pair loss as soon as it exists (memory flat in depth)")
+    feedback_delay: int = _opt(0, lo=0, hi=1,
+                               doc="CCL only: 1 = every feedback layer's input is the value computed one optimiser "
+                                   "step earlier (what a layer pipeline sees; train.parallel=layers needs it); "
+                                   "0 = G's fresh values (the paper)")
+    parallel: str = _opt("none", choices=("none", "layers"),
+                         doc="layers = model-parallel CCL under torchrun: each rank trains a contiguous block of "
+                             "layers (F's and G's), activations up and feedback down one hop per step")
+    parallel_split: list[int] = _opt([], lo=1,
+                                     doc="train.parallel=layers: the first layer index of ranks 1..K-1, e.g. [3]; "
+                                         "[] = balanced by parameter count")
     compile: bool = _opt(False, doc="torch.compile the loss computation (summed step only)")
     compile_backend: str = _opt("inductor", choices=("inductor", "aot_eager", "eager"))
     compile_mode: str = _opt("default", choices=("default", "reduce-overhead", "max-autotune"),

@@ -131,6 +131,10 @@ class DataParallel:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def sync_model(self, model: nn.Module) -> None:
+        """Make this rank's copy of the whole model current (model parallelism: each rank steps
+        its own layers, :mod:`ccl_repr.parallel`). Data-parallel ranks step identical copies: nothing to do."""
+
     def broadcast_parameters(self, model: nn.Module) -> None:
         """Start every rank from rank 0's weights and buffers (they are seeded alike anyway)."""
         if self.world_size == 1:

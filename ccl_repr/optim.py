@@ -93,13 +93,17 @@ class Optimizers:
             if self.cfg.centralize:
                 centralize_gradients(self.params[net])
             if ncfg.clip > 0:
-                if ncfg.clip_mode == "layer":
-                    for _, ps in self.groups[net]:
-                        torch.nn.utils.clip_grad_norm_(ps, ncfg.clip)
-                else:
-                    torch.nn.utils.clip_grad_norm_(self.params[net], ncfg.clip)
+                self.clip(net, ncfg)
             opt.step()
             sched.step()
+
+    def clip(self, net: str, ncfg: NetOptimConfig) -> None:
+        """Grad-norm clipping of one network: one norm per layer, or one over the whole network."""
+        if ncfg.clip_mode == "layer":
+            for _, ps in self.groups[net]:
+                torch.nn.utils.clip_grad_norm_(ps, ncfg.clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params[net], ncfg.clip)
 
     def step(self, loss: Tensor) -> None:
         self.zero_grad()

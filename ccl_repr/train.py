@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from . import distributed, fastpath, tblog
+from . import distributed, fastpath, parallel, tblog
 from .fastpath import resolve_device
 from .config import Config
 from .data import DataBundle, Split, batches, load_data, shuffle_order
@@ -110,8 +110,13 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     non-finite loss or parameter, or a finite loss far above its reference (``train.diverge_factor``,
     ``train.diverge_growth``; :mod:`ccl_repr.guard`), writes a summary with status "diverged",
     keeps the last good checkpoint and raises DivergenceError."""
+    if cfg.train.parallel != "none":
+        parallel.check_config(cfg, hooks=hooks)
     out, state, device, ddp = _start(cfg, Path(out_dir), overwrite=overwrite, resume=resume)
     bundle, model, rule, optim, steps_per_epoch = _build(cfg, device, ddp, model=model, data=data)
+    if cfg.train.parallel != "none":  # this rank's block of layers: its group, stage and optimisers
+        ddp, rule, optim = parallel.layer_parallel(cfg, model, rule, device,
+                                                   total_steps=cfg.train.epochs * steps_per_epoch)
     st = TrainingState(model=model, rule=rule, optim=optim, device=device,
                        shuffle=torch.Generator(device=device).manual_seed(cfg.seed),
                        aug=torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.data.augment else None)
@@ -231,6 +236,7 @@ def _train_epoch(loop: _Loop, st: TrainingState, epoch: int) -> tuple[dict[str, 
         st.optim.zero_grad()
         losses = ddp.backward(st.rule, st.model, x, y)  # this rank's shard, gradients all-reduced
         st.optim.clip_and_step()
+        st.rule.end_step()  # e.g. CCL's delayed feedback values advance
         for k, v in losses.items():
             sums[k] = sums.get(k, 0) + v.detach()
         n_batches += 1
@@ -243,12 +249,14 @@ def _train_epoch(loop: _Loop, st: TrainingState, epoch: int) -> tuple[dict[str, 
                              last_good=loop.last_good(st), batches=n_batches)
         if n_batches < loop.steps_per_epoch and ddp.stop_agreed(loop.stop.requested, st.step):
             # Stop between two optimiser steps: the state is consistent and resumable.
+            ddp.sync_model(st.model)  # model parallel: every rank's block into the saved model
             loop.watch.check(step=st.step, epoch=epoch + 1, loss_sums=ddp.average(sums),
                              last_good=loop.last_good(st), batches=n_batches)
             loop.save(st, epoch, partial={"order": order, "batches": n_batches, "sums": sums,
                                           "seconds": carried + time.perf_counter() - t0})
             raise Interrupted(f"interrupted in epoch {epoch + 1} at step {st.step}; checkpoint written, "
                               f"continue with: ccl-repr train --resume {loop.out}", loop.stop.signum or 2)
+    ddp.sync_model(st.model)  # model parallel: the whole model for validation and checkpoints
     train_losses = {k: v.item() / n_batches for k, v in ddp.average(sums).items()}  # one sync per epoch
     seconds = carried + time.perf_counter() - t0
     loop.watch.check(step=st.step, epoch=epoch + 1, loss_sums=sums, last_good=loop.last_good(st),

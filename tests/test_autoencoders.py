@@ -14,13 +14,7 @@ from ccl_repr.builder import build_trainable
 from ccl_repr.rules import make_rule
 from ccl_repr.models import build_model, list_models
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models: one thread is fastest, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest
 
 
 AE = dict(act_forward="relu", act_feedback="relu", bias=True, norm="post", init="orthogonal")

@@ -23,12 +23,7 @@ from ccl_repr.train import train
 C = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest
 
 
 def tiny_mlp(seed: int = 0):
@@ -170,7 +165,8 @@ def test_only_the_forward_network_is_stepped():
 
 def _rows(run):
     skip = {"epoch_seconds", "samples_per_second"}
-    return [{k: v for k, v in json.loads(l).items() if k not in skip} for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in skip} for line in lines]
 
 
 def _summary(run):
@@ -199,7 +195,8 @@ def test_resume_mid_epoch_is_exact(tmp_path, method):
     saved = ckpt.load_checkpoint(run / "model.pt")["rule"]
     rule = make_rule(cfg)
     rule.prepare(build_model(cfg.model, input_shape=(64,), num_classes=10))
-    assert set(saved) == {"B/linear1", "B/linear2"} and all(torch.equal(saved[k], v) for k, v in rule.state_dict().items())
+    assert set(saved) == {"B/linear1", "B/linear2"}
+    assert all(torch.equal(saved[k], v) for k, v in rule.state_dict().items())
 
 
 def test_autoencoder_recipe_is_refused_in_one_line(tmp_path, capsys):

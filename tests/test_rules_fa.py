@@ -15,12 +15,7 @@ from ccl_repr.rules import FeedbackAlignment, make_rule
 from ccl_repr.train import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest
 
 
 def tiny(name: str, widths: list[int], input_shape: tuple[int, ...], **kw):

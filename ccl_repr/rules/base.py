@@ -9,6 +9,8 @@ The training loop, the benchmarks, the tests and the evaluations call exactly th
 - ``backward(model, x, y)``: those losses and their gradients, accumulated into ``.grad``;
   returns the losses detached. It is the rule's *own* update: diagnostics read it, never
   another rule's;
+- ``end_step()``: called by the training loop after each optimiser step (state that advances
+  per training step, e.g. CCL's delayed feedback values);
 - ``trains``: the networks whose parameters the optimiser steps ("forward", "feedback");
 - ``feedback_weights(model)`` (optional): the per-layer weights standing in for U_l on the
   way down, in U_l's layout, for weight-alignment diagnostics; None where the rule has none;
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Callable, ClassVar, ContextManager
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,6 +48,9 @@ class LearningRule:
         if cfg.train.layerwise:
             raise ConfigError(f"train.layerwise applies to CCL only (method {cls.name} has no per-layer pair "
                               f"losses to backpropagate early); set it under the recipe's ccl: section or drop it")
+        if cfg.train.feedback_delay or cfg.train.parallel != "none":
+            raise ConfigError(f"train.feedback_delay and train.parallel apply to CCL only (method {cls.name} has no "
+                              f"trained feedback network to delay or split); drop them or use --method ccl")
         return cls(cfg.loss)
 
     def __init__(self, cfg) -> None:
@@ -67,6 +73,11 @@ class LearningRule:
         """Losses and their gradients (accumulated into ``.grad``); returns the losses detached."""
         return summed_backward(self, model, x, y)
 
+    def end_step(self) -> None:
+        """Called by the training loop once after each optimiser step (never by diagnostics that
+        call ``backward`` on a probe batch): rules whose state advances per training step (CCL's
+        delayed feedback) advance it here. Nothing by default."""
+
     def feedback_weights(self, model: "DualNetwork") -> dict[str, Tensor] | None:
         """{layer name: the weight that carries the signal down through layer l in place of U_l},
         in U_l's own layout, so that cos(U_l, W_l) is the rule's weight alignment (BP's would be
@@ -85,6 +96,14 @@ class LearningRule:
                                   f"keeps {sorted(own)}; resume with the method the run was trained with")
         for k, v in own.items():
             v.copy_(state[k])
+
+
+def rule_generator(seed: int, *, tag: int) -> torch.Generator:
+    """A CPU generator for a rule's own random state (e.g. fixed feedback matrices): the run seed
+    mixed with the rule's tag. Not the run seed itself, which seeds the weight init (matrices drawn
+    from the init's stream would start correlated with U), nor an offset of it (seed + k is run
+    seed + k's init stream, and torch's CPU generator keeps only the low 32 bits of a larger seed)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, tag]).generate_state(1)[0]))
 
 
 def summed_backward(rule: LearningRule, model: "DualNetwork", x: Tensor, y: Tensor) -> dict[str, Tensor]:

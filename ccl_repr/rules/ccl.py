@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..config import Config, LossConfig
-from ..errors import ShapeError
+from ..errors import CheckpointError, ConfigError, ShapeError
 from ..losses import ae_pair_loss, classification_pair_loss, flooding_mask, match_matrix
 from ..network import DualNetwork
 from ..registry import RULES
@@ -29,6 +29,22 @@ class CCL(LearningRule):
     a_l = F's activation and b_l = G's activation at that boundary, both computed from detached
     inputs; F's output layer U_L by the task loss on a_L (classifier) or every boundary by an MSE
     pair loss (autoencoder). No error signal crosses a layer. Trains both networks.
+
+    Delayed feedback (``feedback_delay=1``, ``train.feedback_delay``): every feedback layer with a
+    stop-gradient reads its input from the previous optimiser step. At step t, G's layer l+1
+    computes b_l^(t) = V_{l+1}(sg(b_{l+1}^(t-1))) with its current weights, where b_{l+1}^(t-1) is
+    the value computed at step t-1 (itself from step t-2's, and so on); G's top input b_L (the
+    class prototypes) is fixed, so b_{L-1} is always fresh. The very first step, with no earlier
+    values, uses the fresh ones. The pair losses are the paper's method (Eq. 2) on these values.
+    This is what a pipeline over the layers sees when G's signal travels down one hop per step
+    (the paper names training F and G in parallel as future work): since the delay is per layer,
+    not per block, single-process training and any split of the layers over K ranks
+    (:mod:`ccl_repr.parallel`) compute the same thing. The previous step's b values are the rule's
+    state (``state_dict``: saved in checkpoints, so resume is exact); they advance in
+    :meth:`end_step`, after the optimiser step, so diagnostics that call ``backward`` on a probe
+    batch leave them alone. Parameter-free layers (flatten) have no stop-gradient and no delay.
+    Defined for classifiers with prototype targets (b is C x d, independent of the batch);
+    per-sample targets, autoencoders and ``layerwise`` are refused.
     """
 
     name = "ccl"
@@ -38,15 +54,58 @@ class CCL(LearningRule):
 
     @classmethod
     def from_config(cls, cfg: Config) -> "CCL":
-        return cls(cfg.loss, layerwise=cfg.train.layerwise)
+        return cls(cfg.loss, layerwise=cfg.train.layerwise, feedback_delay=cfg.train.feedback_delay)
 
-    def __init__(self, cfg: LossConfig, *, layerwise: bool = False) -> None:
-        self.cfg, self.layerwise = cfg, layerwise
+    def __init__(self, cfg: LossConfig, *, layerwise: bool = False, feedback_delay: int = 0) -> None:
+        self.cfg, self.layerwise, self.feedback_delay = cfg, layerwise, feedback_delay
+        if feedback_delay and (cfg.targets != "prototypes" or layerwise):
+            raise ConfigError("train.feedback_delay=1 is implemented for CCL classifiers with prototype targets and "
+                              "the summed step; set loss.targets=prototypes and train.layerwise=false, or delay 0")
+        self.delayed: dict[int, str] = {}  # boundary j -> state key of b_j, for the delayed values
+        self.prev: dict[int, Tensor] | None = None  # b_j of the previous optimiser step
+        self.pending: dict[int, Tensor] | None = None  # b_j of this step, kept by end_step()
+
+    def setup(self, model: DualNetwork) -> None:
+        self.prev = self.pending = None
+        self.delayed, self.device = {}, next(model.parameters()).device
+        if not self.feedback_delay:
+            return
+        if model.task != "classify":
+            raise ConfigError(f"train.feedback_delay=1 is implemented for classifiers (b is C x d prototypes), not "
+                              f"the {model.task} model {model.name or ''}; set train.feedback_delay=0")
+        self.delayed = {j: f"b/{model.layer_names[j]}" for j in delayed_boundaries(model)}
+
+    def feedback_values(self, model: DualNetwork, x: Tensor, y: Tensor) -> list[Tensor]:
+        """[b_0, ..., b_L]: G's fresh values, or with ``feedback_delay`` each stop-gradient
+        layer's input taken from the previous step (kept as pending until :meth:`end_step`)."""
+        target = model.feedback_input(x, y, targets=self.cfg.targets)
+        if not self.feedback_delay:
+            return model.feedback_intermediates(target)
+        n = len(model.layers)
+        b = delayed_feedback(model, 0, n, target, self.prev)
+        self.pending = {j: b[j].detach() for j in self.delayed}
+        return [b[j] for j in range(n + 1)]
+
+    def end_step(self) -> None:
+        if self.pending is not None:
+            self.prev, self.pending = self.pending, None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self.prev is None else {self.delayed[j]: v for j, v in self.prev.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if not self.feedback_delay or not state:
+            return super().load_state_dict(state)
+        keys = {k: j for j, k in self.delayed.items()}
+        if set(state) != set(keys):
+            raise CheckpointError(f"the checkpoint holds state {sorted(state)} for method ccl, which keeps "
+                                  f"{sorted(keys)} with train.feedback_delay=1; resume with the run's own config")
+        self.prev, self.pending = {keys[k]: v.to(self.device, copy=True) for k, v in state.items()}, None
 
     def losses(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         cfg = self.cfg
         a = model.forward_intermediates(x)
-        b = model.feedback_intermediates(model.feedback_input(x, y, targets=cfg.targets))
+        b = self.feedback_values(model, x, y)
         out: dict[str, Tensor] = {}
         if model.task == "reconstruct":
             last = len(model.layers)
@@ -151,6 +210,25 @@ def transposed_feedback_weight(u: Tensor, v: Tensor) -> Tensor:
         return rearrange(v, "ci co kh kw -> co ci kh kw").flip(-2, -1)
     raise ShapeError(f"V^T is defined for linear and 2-D conv weights, got a weight of shape {tuple(v.shape)}; "
                      f"weight alignment applies to those layers only")
+
+
+def delayed_boundaries(model: DualNetwork) -> list[int]:
+    """Boundaries j whose b_j feeds a stop-gradient feedback layer (layers[j-1]) and so is read
+    one step late under delayed feedback; b_L (the fixed target) is never stored."""
+    return [j for j in range(1, len(model.layers)) if model.layers[j - 1].detach]
+
+
+def delayed_feedback(model: DualNetwork, lo: int, hi: int, top: Tensor,
+                     prev: dict[int, Tensor] | None) -> dict[int, Tensor]:
+    """{j: b_j} for lo <= j <= hi through G's layers lo..hi-1, b_hi = ``top``: a stop-gradient
+    layer reads its input b_{j+1} from ``prev`` (the previous step's values) where it holds
+    one, else this step's (the first step; the fixed target; parameter-free layers)."""
+    b = {hi: top}
+    for j in range(hi - 1, lo - 1, -1):
+        layer = model.layers[j]
+        src = prev.get(j + 1) if prev is not None and layer.detach else None
+        b[j] = layer.feedback(b[j + 1] if src is None else src)
+    return b
 
 
 def _feedback_with_graph(model: DualNetwork, b: list[Tensor], l: int) -> Tensor:

@@ -14,7 +14,6 @@ Nothing crosses a layer: every input is detached and e is a value, not a graph. 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,7 +21,7 @@ from torch import Tensor
 from ..config import Config, LossConfig, RuleConfig
 from ..network import DualNetwork
 from ..registry import RULES
-from .base import LearningRule
+from .base import LearningRule, rule_generator
 
 
 def hidden_indices(model: DualNetwork) -> list[int]:
@@ -43,7 +42,7 @@ def random_projections(model: DualNetwork, rule: RuleConfig, *, seed: int) -> di
     c = model.num_classes
     std = rule.proj_std or c ** -0.5
     param = next(model.parameters())
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0xDFA]).generate_state(1)[0]))
+    gen = rule_generator(seed, tag=0xDFA)
     return {l: (torch.randn(c, model.feature_dims[l], generator=gen, dtype=torch.float64) * std
                 + rule.proj_mean).to(device=param.device, dtype=param.dtype)
             for l in hidden_indices(model)}

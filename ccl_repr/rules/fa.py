@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,15 +31,7 @@ from torch import Tensor, nn
 from ..config import Config, LossConfig, RuleConfig
 from ..network import DualNetwork
 from ..registry import RULES
-from .base import LearningRule
-
-
-def stream_seed(seed: int) -> int:
-    """The seed of B's generator: the run seed mixed with this rule's tag. Not the run seed itself,
-    which seeds the weight init (a B drawn from the init's stream would start correlated with U),
-    nor an offset of it (seed + k is run seed + k's init stream, and torch's CPU generator keeps
-    only the low 32 bits of a larger seed)."""
-    return int(np.random.SeedSequence([seed, 0xFA]).generate_state(1)[0])
+from .base import LearningRule, rule_generator
 
 
 @RULES.register("fa", "feedback alignment (Lillicrap et al. 2016): BP's error sent down through fixed "
@@ -68,7 +59,7 @@ class FeedbackAlignment(LearningRule):
     def setup(self, model: DualNetwork) -> None:
         """Draw every B_l once, on the CPU in float64 by a generator of its own (the global RNG
         is left alone; B is the same on every device and dtype), then move it to U_l's."""
-        gen = torch.Generator().manual_seed(stream_seed(self.seed))
+        gen = rule_generator(self.seed, tag=0xFA)
         self.B = {}
         for name, side in _forward_sides(model):
             w = side.proj.weight
