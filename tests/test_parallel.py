@@ -2,8 +2,10 @@
 means what the docstring says, resumes exactly, and a 2-rank pipeline under torchrun (gloo) trains
 to the same bits as one process with the same delay."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -134,3 +136,43 @@ def test_two_rank_pipeline_equals_one_process_with_the_same_delay(tmp_path):
     rows_a, rows_b = ckpt.read_jsonl(single / ckpt.METRICS), ckpt.read_jsonl(multi / ckpt.METRICS)
     assert [{k: v for k, v in r.items() if k not in drop} for r in rows_a] == \
            [{k: v for k, v in r.items() if k not in drop} for r in rows_b]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="finds the rank's process through /proc")
+def test_sigterm_to_one_rank_stops_the_pipeline_and_resumes_exactly(tmp_path):
+    """SIGTERM to rank 1 only: both ranks stop after the same step, rank 0's checkpoint holds
+    every rank's block, optimiser and delayed values, and `--resume` under torchrun ends where
+    the uninterrupted single-process run with the same delay ends."""
+    from tests.test_distributed import _rank_pid
+    epochs, single, multi = 20, tmp_path / "single", tmp_path / "multi"
+    sets = [*SETS, "train.checkpoint_every=0"]
+    train(make_config("mlp_digits", overrides={"train": {"epochs": epochs}, "device": "cpu"}, sets=sets),
+          single, log=lambda m: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ccl_repr.cli"]
+    proc = subprocess.Popen([*launch, "train", "mlp_digits", "--epochs", str(epochs), "--device", "cpu",
+                             "--out", str(multi), *[a for s in [*sets, "train.parallel=layers"] for a in ("--set", s)]],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((multi / ckpt.METRICS).exists() and (multi / ckpt.METRICS).read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or hung before epoch 1"
+            time.sleep(0.02)
+        pid = _rank_pid(1, str(multi))
+        assert pid is not None, "rank 1's process not found"
+        os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)  # a hang (rank 0 waiting for rank 1's messages) fails here
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = ckpt.read_json(multi / ckpt.SUMMARY)
+    assert proc.returncode != 0 and summary["status"] == "interrupted", (summary, err[-2000:])
+    assert summary["checkpoint_epoch"] < epochs
+    done = subprocess.run([*launch, "train", "--resume", str(multi)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = ckpt.load_checkpoint(single / ckpt.CHECKPOINT), ckpt.load_checkpoint(multi / ckpt.CHECKPOINT)
+    for part in ("model", "rule"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert len(ckpt.read_jsonl(multi / ckpt.METRICS)) == epochs

@@ -88,6 +88,11 @@ class FeedbackAlignment(LearningRule):
     def state_dict(self) -> dict[str, Tensor]:
         return {f"B/{name}": b for name, b in self.B.items()}  # live tensors: loaded in place
 
+    def feedback_weights(self, model: DualNetwork) -> dict[str, Tensor]:
+        """B_l, which carries the error down in U_l's place, in U_l's layout: FA's alignment is
+        cos(U_l, B_l), the quantity that grows as F learns to follow its fixed feedback."""
+        return dict(self.B)
+
 
 def _forward_sides(model: DualNetwork) -> list[tuple[str, nn.Module]]:
     """(layer name, F's side of the layer, whose ``proj`` is U_l) for every layer with parameters."""
