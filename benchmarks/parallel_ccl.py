@@ -15,7 +15,8 @@ epochs of all repeats. Target: parallel_ccl / bp < 1.0. ``--accuracy-epochs N`` 
 pipeline for N epochs once and records its test accuracy (target >= 98.0% at 100 epochs).
 Measure on an otherwise idle machine: the variants use every core the comparison is about.
 
-    python benchmarks/parallel_ccl.py [--epochs 3] [--repeats 3] [--threads 2] [--accuracy-epochs 0]
+    python benchmarks/parallel_ccl.py [--epochs 3] [--repeats 3] [--threads 2] [--micro-batches 1]
+                                      [--accuracy-epochs 0] [--set KEY=VALUE ...]
 writes benchmarks/results/parallel_ccl.json
 """
 
@@ -37,7 +38,8 @@ TARGET_RATIO, TARGET_ACCURACY = 1.0, 0.98
 VARIANTS = ("bp", "ccl", "parallel_ccl")
 
 
-def command(variant: str, out: Path, *, epochs: int, threads: int, sets: list[str]) -> tuple[list[str], dict]:
+def command(variant: str, out: Path, *, epochs: int, threads: int, sets: list[str],
+            micro_batches: int = 1) -> tuple[list[str], dict]:
     """The command line and environment of one run of ``variant``."""
     common = ["train", "mlp_mnist", "--epochs", str(epochs), "--device", "cpu", "--out", str(out),
               "--set", f"data.root={SHARED_DATASETS}", "--set", "train.progress=false",
@@ -47,16 +49,17 @@ def command(variant: str, out: Path, *, epochs: int, threads: int, sets: list[st
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                   "-m", "ccl_repr.cli"]
         return ([*launch, *common, "--method", "ccl", "--set", "train.num_threads=1",
-                 "--set", "train.parallel=layers", "--set", "train.feedback_delay=1"], {**env, "OMP_NUM_THREADS": "1"})
+                 "--set", "train.parallel=layers", "--set", "train.feedback_delay=1",
+                 "--set", f"train.micro_batches={micro_batches}"], {**env, "OMP_NUM_THREADS": "1"})
     return ([sys.executable, "-m", "ccl_repr.cli", *common, "--method", variant,
              "--set", f"train.num_threads={threads}"], {**env, "OMP_NUM_THREADS": str(threads)})
 
 
-def run(variant: str, *, epochs: int, threads: int, sets: list[str]) -> dict:
+def run(variant: str, *, epochs: int, threads: int, sets: list[str], micro_batches: int = 1) -> dict:
     """One run: every epoch's seconds, the wall time of the whole command and the test accuracy."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        cmd, env = command(variant, out, epochs=epochs, threads=threads, sets=sets)
+        cmd, env = command(variant, out, epochs=epochs, threads=threads, sets=sets, micro_batches=micro_batches)
         t0 = time.perf_counter()
         done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -74,6 +77,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the single-process runs")
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train the pipeline N epochs for its accuracy")
+    p.add_argument("--micro-batches", type=int, default=1, help="train.micro_batches of the pipeline runs")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for every run")
     args = p.parse_args()
     if args.epochs < 2:
@@ -81,19 +85,21 @@ def main() -> None:
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for r in range(args.repeats):
         for v in VARIANTS:
-            runs[v].append(run(v, epochs=args.epochs, threads=args.threads, sets=args.sets))
+            runs[v].append(run(v, epochs=args.epochs, threads=args.threads, sets=args.sets,
+                               micro_batches=args.micro_batches))
             print(f"repeat {r} {v}: epochs {[round(s, 3) for s in runs[v][-1]['epoch_seconds']]}", flush=True)
     med = {v: median([s for rep in runs[v] for s in rep["epoch_seconds"][1:]]) for v in VARIANTS}
     ratios = {"parallel_ccl_over_bp": med["parallel_ccl"] / med["bp"],
               "parallel_ccl_over_ccl": med["parallel_ccl"] / med["ccl"], "ccl_over_bp": med["ccl"] / med["bp"]}
     accuracy = None
     if args.accuracy_epochs:
-        acc = run("parallel_ccl", epochs=args.accuracy_epochs, threads=args.threads, sets=args.sets)
+        acc = run("parallel_ccl", epochs=args.accuracy_epochs, threads=args.threads, sets=args.sets,
+                  micro_batches=args.micro_batches)
         accuracy = {"epochs": args.accuracy_epochs, "test_accuracy": acc["test_accuracy"],
                     "met": acc["test_accuracy"] is not None and acc["test_accuracy"] >= TARGET_ACCURACY}
     write_json("parallel_ccl.json", {
         "benchmark": "parallel_ccl", "env": environment(__import__("torch").device("cpu"), args.threads),
-        "epochs_per_run": args.epochs, "repeats": args.repeats, "sets": args.sets,
+        "epochs_per_run": args.epochs, "repeats": args.repeats, "sets": args.sets, "micro_batches": args.micro_batches,
         "median_epoch_seconds": med, "ratios": ratios, "target_parallel_over_bp_max": TARGET_RATIO,
         "met": ratios["parallel_ccl_over_bp"] < TARGET_RATIO, "accuracy": accuracy, "runs": runs})
     print(json.dumps({"median_epoch_seconds": {k: round(v, 3) for k, v in med.items()},

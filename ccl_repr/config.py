@@ -159,6 +159,10 @@ class TrainConfig:
     parallel_split: list[int] = _opt([], lo=1,
                                      doc="train.parallel=layers: the first layer index of ranks 1..K-1, e.g. [3]; "
                                          "[] = balanced by parameter count")
+    micro_batches: int = _opt(1, lo=1,
+                              doc="train.parallel=layers: chunks per batch, sent up the pipeline one after the other "
+                                  "so the ranks above start sooner; the chunks' losses are summed, weighted by size "
+                                  "(the batch's gradient up to float rounding)")
     compile: bool = _opt(False, doc="torch.compile the loss computation (summed step only)")
     compile_backend: str = _opt("inductor", choices=("inductor", "aot_eager", "eager"))
     compile_mode: str = _opt("default", choices=("default", "reduce-overhead", "max-autotune"),

@@ -84,18 +84,24 @@ class Optimizers:
         return min(1.0, (step + 1) / warmup)
 
     def clip_and_step(self) -> None:
+        for net in self.nets:  # every network's gradients ready before any clip (each net's are its own)
+            self.condition(net)
         for net, (ncfg, opt, sched) in self.nets.items():
-            scale = self.gradient_scale(sched.last_epoch)  # the scheduler's count of steps taken: resumes with it
-            if scale != 1.0:
-                for p in self.params[net]:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
-            if self.cfg.centralize:
-                centralize_gradients(self.params[net])
             if ncfg.clip > 0:
                 self.clip(net, ncfg)
             opt.step()
             sched.step()
+
+    def condition(self, net: str) -> None:
+        """Loss-mode warm-up scale and gradient centralisation of one network's gradients."""
+        # The scheduler's count of steps taken: it resumes with the checkpoint.
+        scale = self.gradient_scale(self.nets[net][2].last_epoch)
+        if scale != 1.0:
+            for p in self.params[net]:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        if self.cfg.centralize:
+            centralize_gradients(self.params[net])
 
     def clip(self, net: str, ncfg: NetOptimConfig) -> None:
         """Grad-norm clipping of one network: one norm per layer, or one over the whole network."""

@@ -23,8 +23,10 @@ and their pair losses. Per step t:
    gradients equal those of the single-process step. The top rank adds the cross-entropy;
 4. gradient clipping and the optimiser step on the rank's own parameters. A network-wide clip
    (``optim.*.clip_mode=network``, the default) needs the norm over every rank: one all-reduce
-   of the per-parameter norms per network and step, a synchronisation point;
-   ``clip_mode=layer`` keeps even that local.
+   of the per-parameter norms (both networks at once) per step. It is a synchronisation point:
+   no rank can step before the slowest has its gradients, so the ranks run in lockstep and
+   overlap only within a step (rank k's backward with rank k+1's work); ``clip_mode=layer``
+   (or no clip) keeps every step local, and rank k can run ahead on step t+1's forward.
 
 Because the delay is per layer, not per block, a K-rank run computes what a single-process run
 with ``train.feedback_delay=1`` computes, for any split (bit-for-bit on CPU:
@@ -41,13 +43,30 @@ rank 0 as in single-process training. The optimisers' and the rule's state of ev
 gathered into rank 0's checkpoint ({"layer_parallel": {"blocks", "ranks"}}; the rule's
 delayed values in the single-process layout). Resume with the same number of ranks.
 
+Stops and the divergence guard: a stop request (Ctrl-C, SIGTERM on any rank) is agreed as in
+data parallelism, so every rank stops after the same step. The guard reads every rank's losses
+(gathered) and, at epoch ends, the whole model; with the default network-wide clip a non-finite
+gradient on any rank reaches every rank's parameters through the clip norm in the same step, so
+every rank stops alike. With per-layer clipping one rank may see it a step before the others
+(torchrun then ends the group, and rank 0's summary may not say "diverged").
+
+Tested on CPU with gloo only. With NCCL the point-to-point order may need
+``dist.batch_isend_irecv`` (NCCL matches sends and receives per peer in issue order, and each
+rank here sends before it receives); no multi-GPU machine was available.
+
 Nesting with data parallelism (not built yet): a 2-D grid of K stages x D replicas. Each stage
 has a data-parallel group of its D replicas (gradient all-reduce of its block, as
 :mod:`ccl_repr.distributed`), each replica a pipeline group of its K stages (these
 point-to-point messages); ``dist.new_group`` builds both from the world ranks.
 
+Micro-batches (``train.micro_batches=m``): each batch is cut into m chunks that go up the
+pipeline one after the other, so rank k+1 starts on chunk 0 while rank k computes chunk 1. The
+step's loss is the chunks' mean losses weighted by their sizes: the batch's loss, so the same
+update up to float rounding (not bit-exact: the sums run in another order; the anti-collapse
+term, which couples samples, is refused). With m=1 (the default) nothing changes.
+
 Not supported yet: autoencoders (per-sample feedback), per-sample targets, flooding (its mask
-needs the top rank's logits on every rank), the layer-wise step, diagnostics hooks, micro-batches.
+needs the top rank's logits on every rank), the layer-wise step, diagnostics hooks.
 """
 
 from __future__ import annotations
@@ -70,13 +89,19 @@ from .optim import Optimizers
 from .rules import LearningRule
 from .rules.ccl import CCL, delayed_feedback
 
-UP, DOWN = 0, 1  # message tags: activations a up, feedback values b down
+UP, DOWN = 0, 1  # message tags: feedback values b down; activations a up (micro-batch i: UP + 2i)
 
 
 def check_config(cfg: Config, *, hooks: Sequence = ()) -> None:
     """Refuse what model-parallel CCL does not run, before any data loads."""
     t = cfg.train
+    if t.parallel == "none":
+        if t.micro_batches > 1:
+            raise ConfigError("train.micro_batches applies to train.parallel=layers; set it to 1 or run the pipeline")
+        return
     problem = (
+        "micro-batches split the anti-collapse term, which couples the batch's samples: set train.micro_batches=1"
+        if t.micro_batches > 1 and cfg.loss.form == "normalized" and cfg.loss.anti_collapse > 0 else
         "diagnostics hooks would call the rule outside the pipeline: drop the diagnostics options" if hooks else
         "it needs torchrun with 2 or more processes (torchrun --nproc_per_node=2 -m ccl_repr.cli train ...)"
         if env_world_size() < 2 else
@@ -168,7 +193,8 @@ class BlockOptimizers(Optimizers):
     def __init__(self, model: DualNetwork, cfg: OptimConfig, *, total_steps: int, networks: tuple[str, ...],
                  blocks: list[tuple[int, int]], rank: int) -> None:
         self.blocks, self.rank = blocks, rank
-        super().__init__(_Block(model, *blocks[rank]), cfg, total_steps=total_steps, networks=networks)  # type: ignore[arg-type]
+        block = _Block(model, *blocks[rank])  # duck-types DualNetwork.parameter_groups
+        super().__init__(block, cfg, total_steps=total_steps, networks=networks)  # type: ignore[arg-type]
         self.model = model
         self.slots: dict[str, tuple[int, list[int]]] = {}  # net -> (its parameter count, our positions)
         for net in networks:
@@ -179,14 +205,33 @@ class BlockOptimizers(Optimizers):
     def clip(self, net: str, ncfg: NetOptimConfig) -> None:
         if ncfg.clip_mode == "layer":
             return super().clip(net, ncfg)
-        params = self.params[net]
-        size, where = self.slots[net]
-        norms = torch.zeros(size, device=params[0].device)
-        own = [(i, p.grad) for i, p in zip(where, params) if p.grad is not None]
-        if own:  # one tensor at a time: on CPU exactly the norms clip_grad_norm_'s foreach path takes
-            norms[[i for i, _ in own]] = torch.stack([torch.nn.utils.get_total_norm([g]) for _, g in own])
-        dist.all_reduce(norms)  # each slot is filled by one rank: sums with zeros are exact
-        torch.nn.utils.clip_grads_with_norm_(params, ncfg.clip, torch.linalg.vector_norm(norms, 2.0))
+        if net == self.first_global:  # every network's gradients are conditioned: one all-reduce for all
+            self.norms = self._global_norms()
+        total = torch.linalg.vector_norm(self.norms[net], 2.0)
+        torch.nn.utils.clip_grads_with_norm_(self.params[net], ncfg.clip, total)
+
+    @property
+    def global_nets(self) -> list[str]:
+        """The networks clipped by one norm over the whole network."""
+        return [net for net, (ncfg, _, _) in self.nets.items() if ncfg.clip > 0 and ncfg.clip_mode != "layer"]
+
+    @property
+    def first_global(self) -> str | None:
+        return next(iter(self.global_nets), None)
+
+    def _global_norms(self) -> dict[str, Tensor]:
+        """{network: the norm of each of its parameters' gradients, over every rank, in the model's order}."""
+        nets = self.global_nets
+        sizes = [self.slots[net][0] for net in nets]
+        flat = torch.zeros(sum(sizes), device=self.params[nets[0]][0].device)
+        offset = 0
+        for net, size in zip(nets, sizes):
+            own = [(offset + i, p.grad) for i, p in zip(self.slots[net][1], self.params[net]) if p.grad is not None]
+            if own:  # one tensor at a time: on CPU exactly the norms clip_grad_norm_'s foreach path takes
+                flat[[i for i, _ in own]] = torch.stack([torch.nn.utils.get_total_norm([g]) for _, g in own])
+            offset += size
+        dist.all_reduce(flat)  # each slot is filled by one rank: sums with zeros are exact
+        return dict(zip(nets, flat.split(sizes)))
 
     def state_dict(self) -> dict:
         ranks: list[dict | None] = [None] * len(self.blocks)
@@ -222,7 +267,8 @@ class PipelineStage(LearningRule):
 
     name, tasks, trains, detach_inputs = "ccl", ("classify",), ("forward", "feedback"), True
 
-    def __init__(self, rule: CCL, model: DualNetwork, *, blocks: list[tuple[int, int]], comm: _Comm) -> None:
+    def __init__(self, rule: CCL, model: DualNetwork, *, blocks: list[tuple[int, int]], comm: _Comm,
+                 micro_batches: int = 1) -> None:
         self.rule, self.cfg, self.comm, self.blocks = rule, rule.cfg, comm, blocks
         self.lo, self.hi = blocks[comm.rank]
         self.top = comm.rank == comm.world - 1
@@ -232,27 +278,40 @@ class PipelineStage(LearningRule):
         self.pending: dict[int, Tensor] | None = None
         self.sent: list[dist.Work] = []
         self.autocast = rule.autocast
+        self.micro = micro_batches
 
     def losses(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         raise ConfigError("train.parallel=layers: a pipeline stage's losses exist only inside its training step")
 
     def backward(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        lo, hi, rank, n = self.lo, self.hi, self.comm.rank, len(model.layers)
+        hi, rank = self.hi, self.comm.rank
         b = self._feedback(model, x, y)
         if rank > 0:
-            self.sent.append(self.comm.send(b[lo], rank - 1, DOWN))
-        a = {lo: x if rank == 0 else self.comm.recv((len(y), *model.shapes[lo]), rank - 1, UP)}
+            self.sent.append(self.comm.send(b[self.lo], rank - 1, DOWN))
+        chunks = [(xs, ys) for xs, ys in zip(x.tensor_split(self.micro), y.tensor_split(self.micro)) if len(ys)]
+        acts = [self._forward(model, xs, len(ys), i) for i, (xs, ys) in enumerate(chunks)]
+        if not self.top and self.prev is not None:  # this step's b_hi, for the boundary pair (U_hi's gradient)
+            b[hi] = self.comm.recv((model.num_classes, *model.shapes[hi]), rank + 1, DOWN)
+        out: dict[str, Tensor] = {}
+        for a, (_, ys) in zip(acts, chunks):
+            share = len(ys) / len(y)  # a chunk's mean loss, weighted by its share: the batch's mean
+            for k, v in self._losses(model, a, b, ys, last=len(model.layers)).items():
+                v = v if share == 1.0 else v * share
+                out[k] = out[k] + v if k in out else v
+        torch.autograd.backward([v for v in out.values() if v.requires_grad])
+        self.pending = {j: b[j].detach() for j in self.keys}
+        return {k: v.detach() for k, v in out.items()}
+
+    def _forward(self, model: DualNetwork, x: Tensor, n: int, chunk: int) -> dict[int, Tensor]:
+        """a_lo..a_hi of one chunk: a_lo received from below (rank 0: x), a_hi sent up at once."""
+        lo, hi, rank = self.lo, self.hi, self.comm.rank
+        a = {lo: x if rank == 0 else self.comm.recv((n, *model.shapes[lo]), rank - 1, UP + 2 * chunk)}
         with self.autocast():
             for j in range(lo, hi):
                 a[j + 1] = model.layers[j](a[j])
         if not self.top:
-            self.sent.append(self.comm.send(a[hi], rank + 1, UP))
-            if self.prev is not None:  # this step's b_hi, for the boundary pair (U_hi's gradient)
-                b[hi] = self.comm.recv((model.num_classes, *model.shapes[hi]), rank + 1, DOWN)
-        out = self._losses(model, a, b, y, last=n)
-        torch.autograd.backward([v for v in out.values() if v.requires_grad])
-        self.pending = {j: b[j].detach() for j in self.keys}
-        return {k: v.detach() for k, v in out.items()}
+            self.sent.append(self.comm.send(a[hi], rank + 1, UP + 2 * chunk))
+        return a
 
     def _feedback(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[int, Tensor]:
         """b_lo..b_hi of this step: from the previous step's values; the top rank starts from
@@ -312,6 +371,7 @@ def layer_parallel(cfg: Config, model: DualNetwork, rule: LearningRule, device: 
     rank, world = env_rank(), env_world_size()
     blocks = make_blocks(model, world, cfg.train.parallel_split)
     group = LayerParallel(rank=rank, world_size=world, device=device, blocks=blocks)
-    stage = PipelineStage(rule, model, blocks=blocks, comm=_Comm(rank, world, device))
+    stage = PipelineStage(rule, model, blocks=blocks, comm=_Comm(rank, world, device),
+                          micro_batches=cfg.train.micro_batches)
     optim = BlockOptimizers(model, cfg.optim, total_steps=total_steps, networks=rule.trains, blocks=blocks, rank=rank)
     return group, stage, optim

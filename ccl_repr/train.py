@@ -110,8 +110,7 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     non-finite loss or parameter, or a finite loss far above its reference (``train.diverge_factor``,
     ``train.diverge_growth``; :mod:`ccl_repr.guard`), writes a summary with status "diverged",
     keeps the last good checkpoint and raises DivergenceError."""
-    if cfg.train.parallel != "none":
-        parallel.check_config(cfg, hooks=hooks)
+    parallel.check_config(cfg, hooks=hooks)  # model-parallel options refused before anything runs
     out, state, device, ddp = _start(cfg, Path(out_dir), overwrite=overwrite, resume=resume)
     bundle, model, rule, optim, steps_per_epoch = _build(cfg, device, ddp, model=model, data=data)
     if cfg.train.parallel != "none":  # this rank's block of layers: its group, stage and optimisers

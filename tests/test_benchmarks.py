@@ -191,3 +191,19 @@ def test_sweep_table_puts_the_papers_numbers_beside_the_recipes_it_covers():
     said = " ".join(notes(full, ["ccl"], "cnn_cifar10", ["data.name=imagefolder"]))
     assert "not the paper's" not in said and "JPEG" in said and "`--set data.name=imagefolder`" in said
     assert PAPER[("cnn_cifar10", "bp")] == (87.12, 1.76) and PAPER[("mlp_cifar10", "ccl")] == (52.73, 0.59)
+
+
+def test_search_covers_the_papers_grid_and_ties_ccls_networks():
+    from search import SPACES, grid, point_sets
+    drtp = grid("drtp", [])
+    assert len(drtp) == 4 * 2 * 4  # App. 6.1: lr x projection mean x projection std
+    assert {p["rule.proj_std"] for p in drtp} == {"0.01", "0.03", "0.1", "0.3"}
+    # --grid replaces an axis and adds new ones
+    fa = grid("fa", ["optim.forward.lr=0.1,0.2", "model.act_forward=tanh"])
+    assert len(fa) == 2 * len(SPACES["fa"]["optim.forward.clip"])
+    assert all(p["model.act_forward"] == "tanh" for p in fa)
+    # CCL's two networks share lr and clip (the paper's grid is one lr, one clip)
+    sets = point_sets("ccl", {"optim.forward.lr": "0.5", "optim.forward.clip": "1.0"})
+    assert set(sets) == {"optim.forward.lr=0.5", "optim.feedback.lr=0.5",
+                         "optim.forward.clip=1.0", "optim.feedback.clip=1.0"}
+    assert point_sets("fa", {"optim.forward.lr": "0.5"}) == ["optim.forward.lr=0.5"]
