@@ -106,10 +106,12 @@ def launch(argv: list[str], args: argparse.Namespace) -> float:
     return time.perf_counter() - t0
 
 
-def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
-    """Train (or collect) one run; its row for the results JSON."""
+def run_one(method: str, seed: int, args: argparse.Namespace) -> dict | None:
+    """Train (or collect) one run; its row for the results JSON (None: --collect and not completed)."""
     cmd, out = train_command(method, seed, args)
-    done = read_run(out) if args.reuse or args.resume else None
+    done = read_run(out) if args.reuse or args.resume or args.collect else None
+    if args.collect and not reusable(done, method, seed, args):
+        return None
     wall, resumed = None, False
     if not reusable(done, method, seed, args) or not args.reuse:
         resumed = args.resume and done is None and (REPO / out / "checkpoint.pt").exists()
@@ -135,6 +137,8 @@ def seconds(v: float) -> str:
 
 
 def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
     mean = f"{statistics.mean(values):.2f}"
     return f"{mean} ± {statistics.stdev(values):.2f}" if len(values) > 1 else mean
 
@@ -204,7 +208,9 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"### `{args.tag}`: recipe `{args.recipe}`, {epochs} epochs, seeds {' '.join(map(str, args.seeds))}",
              "", "Test accuracy (%) with the weights of the selected (best validation) epoch:", "",
              *summary_table(rows, args.methods, args.recipe), "",
-             *(f"- {n}" for n in notes(rows, args.methods, args.recipe, args.set)), "",
+             *(f"- {n}" for n in notes(rows, args.methods, args.recipe, args.set)),
+             *([f"- Not run yet (no completed run folder): {', '.join(args.missing)}."] if getattr(args, "missing", None)
+               else []), "",
              "Validation accuracy (%) per epoch:", "", *curve_table(rows), "",
              "Commands:", "", *(f"    {r['command']}" for r in rows)]
     return "\n".join(lines) + "\n"
@@ -225,7 +231,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/out", help="where the run folders <tag>-<rule>-s<seed> go")
     p.add_argument("--reuse", action="store_true", help="collect completed runs instead of training them again")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoint")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: tabulate the completed runs, list the others as not run")
     args = p.parse_args(argv)
+    args.reuse = args.reuse or args.collect
     args.tag = args.tag or args.recipe
     if min(args.jobs, args.threads, args.epochs or 1) < 1:
         p.error("--jobs, --threads and --epochs must be at least 1")
@@ -241,16 +250,18 @@ def main() -> None:
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     try:
         with ThreadPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(lambda job: run_one(*job, args), jobs))
+            done = list(pool.map(lambda job: run_one(*job, args), jobs))
     except RunFailed as e:
         print(f"sweep.py: {e} (finished runs stay in {args.out}; rerun with --reuse to keep them)", file=sys.stderr)
         raise SystemExit(2 if e.code == 2 else 1) from None
+    rows = [r for r in done if r is not None]
+    args.missing = [f"{m} seed {s}" for (m, s), r in zip(jobs, done) if r is None]
     md = render(rows, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {"recipe": args.recipe, "epochs": args.epochs, "methods": args.methods, "seeds": args.seeds,
               "sets": args.set, "threads": args.threads, "jobs": args.jobs,
               "paper": {m: PAPER[(args.recipe, m)] for m in args.methods if (args.recipe, m) in PAPER},
-              "rows": rows, "table": md}
+              "rows": rows, "not_run": args.missing, "table": md}
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(record, indent=2))
     (RESULTS / f"{args.tag}.md").write_text(md)
     print(md)

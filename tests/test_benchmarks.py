@@ -166,6 +166,13 @@ def test_sweep_trains_collects_and_reuses_runs(tmp_path):
     assert md == d["table"] and "| CCL | " in md and "| BP s0 | " in md and "paper (Table 1)" not in md
     assert "no number for recipe `mlp_digits`" in md and "`--set train.batch_size=128`" in md
 
+    # --collect trains nothing: the completed runs are tabulated, a missing one is named
+    collected = run_script(tmp_path, *base[1:], "--methods", "ccl", "fa", "--collect")
+    assert "seed 0:" not in collected.stderr and not (tmp_path / "runs" / "smoke-fa-s0").exists()
+    d = json.loads((tmp_path / "smoke.json").read_text())
+    assert [r["method"] for r in d["rows"]] == ["ccl"] and d["not_run"] == ["fa seed 0"]
+    assert "Not run yet (no completed run folder): fa seed 0." in d["table"]
+
 
 def sweep_row(method: str, seed: int, acc: float, *, epochs: int = 3, dataset: str = "mnist") -> dict:
     curve = {"epoch": list(range(1, epochs + 1)), "val/accuracy": [acc] * epochs, "val/loss": [0.1] * epochs,
