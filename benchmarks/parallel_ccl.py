@@ -16,8 +16,8 @@ pipeline for N epochs once and records its test accuracy (target >= 98.0% at 100
 Measure on an otherwise idle machine: the variants use every core the comparison is about.
 
     python benchmarks/parallel_ccl.py [--epochs 3] [--repeats 3] [--threads 2] [--micro-batches 1]
-                                      [--accuracy-epochs 0] [--set KEY=VALUE ...]
-writes benchmarks/results/parallel_ccl.json
+                                      [--accuracy-epochs 0] [--set KEY=VALUE ...] [--tag _NAME]
+writes benchmarks/results/parallel_ccl<TAG>.json
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train the pipeline N epochs for its accuracy")
     p.add_argument("--micro-batches", type=int, default=1, help="train.micro_batches of the pipeline runs")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for every run")
+    p.add_argument("--tag", default="", help="suffix of the results file: parallel_ccl<TAG>.json")
     args = p.parse_args()
     if args.epochs < 2:
         p.error("--epochs must be >= 2: the first epoch is a warm-up")
@@ -97,7 +98,7 @@ def main() -> None:
                   micro_batches=args.micro_batches)
         accuracy = {"epochs": args.accuracy_epochs, "test_accuracy": acc["test_accuracy"],
                     "met": acc["test_accuracy"] is not None and acc["test_accuracy"] >= TARGET_ACCURACY}
-    write_json("parallel_ccl.json", {
+    write_json(f"parallel_ccl{args.tag}.json", {
         "benchmark": "parallel_ccl", "env": environment(__import__("torch").device("cpu"), args.threads),
         "epochs_per_run": args.epochs, "repeats": args.repeats, "sets": args.sets, "micro_batches": args.micro_batches,
         "median_epoch_seconds": med, "ratios": ratios, "target_parallel_over_bp_max": TARGET_RATIO,
