@@ -1,7 +1,7 @@
 """Learning rules over the same dual network, one file each, registered in :data:`ccl_repr.registry.RULES`.
 
 Adding a rule is one new module here (a :class:`LearningRule` subclass decorated with
-``@RULES.register(name, description)``) and one import line below.
+``@RULES.register(name, description)``) and its name in the import line below.
 """
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from __future__ import annotations
 from ..config import Config
 from ..registry import RULES
 from .base import LearningRule, summed_backward
-from . import bp, ccl  # noqa: F401,E402  (each registers its rule)
-from . import dfa, drtp  # noqa: F401,E402  (direct feedback: DFA, DRTP)
+from . import bp, ccl, dfa, drtp, fa  # noqa: F401  (each module registers its rule)
 from .bp import Backprop
 from .ccl import CCL
-from .fa import FeedbackAlignment  # noqa: F401  (registers "fa")
+from .dfa import DFA
+from .drtp import DRTP
+from .fa import FeedbackAlignment
 
 
 def make_rule(cfg: Config) -> LearningRule:
@@ -21,4 +22,5 @@ def make_rule(cfg: Config) -> LearningRule:
     return RULES.get(cfg.method).from_config(cfg)
 
 
-__all__ = ["LearningRule", "RULES", "make_rule", "summed_backward", "CCL", "Backprop"]
+__all__ = ["LearningRule", "RULES", "make_rule", "summed_backward", "CCL", "Backprop", "FeedbackAlignment",
+           "DFA", "DRTP"]
