@@ -366,9 +366,9 @@ def run_rule(run, model: DualNetwork, weights: str = "tested") -> tuple[Learning
     one ``prepare`` draws from the run's seed. Returns (rule, where its state came from)."""
     rule = make_rule(run.cfg)
     rule.prepare(model)
-    state, source = _saved_rule_state(run.run_dir, weights)
-    if not rule.state_dict():
+    if not rule.state_dict():  # nothing to restore: leave the run's files unread
         return rule, "none (the rule keeps no state)"
+    state, source = _saved_rule_state(run.run_dir, weights)
     if state is None:
         return rule, "drawn from the run's seed (no saved rule state)"
     try:
