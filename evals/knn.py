@@ -60,9 +60,12 @@ def knn_scores(train_feats, train_y, test_feats, *, k: int = K, temperature: flo
     k = min(k, len(bank))
     c = int(num_classes or int(labels.max()) + 1)
     out = torch.empty(len(query), c, device=bank.device)
+    # one (chunk x bank) block reused by every chunk: a fresh 245 MB block per chunk costs its
+    # page faults again each time (about a third of the matrix product's time on a CPU)
+    block = torch.empty(min(chunk_size, len(query)), len(bank), device=bank.device)
     for start in range(0, len(query), chunk_size):
         q = F.normalize(query[start:start + chunk_size], dim=1)
-        sim, nn_idx = (q @ bank.T).topk(k, dim=1)
+        sim, nn_idx = torch.mm(q, bank.T, out=block[: len(q)]).topk(k, dim=1)
         weights = (sim / temperature).exp()
         votes = torch.zeros(len(q), c, device=bank.device)
         out[start:start + len(q)] = votes.scatter_add_(1, labels[nn_idx], weights)

@@ -55,16 +55,54 @@ def _np(a) -> np.ndarray:
 
 
 def embed(feats, *, config: UMAPConfig = UMAPConfig()) -> np.ndarray:
-    """2-D UMAP embedding of the rows of ``feats``."""
+    """2-D UMAP embedding of the rows of ``feats``; for the cosine and euclidean metrics the
+    neighbour graph is the exact one (:func:`exact_knn`), handed to umap-learn as
+    ``precomputed_knn``."""
     import umap
 
     x = _np(feats)
     if len(x) < 4:
         raise EvalError(f"UMAP needs at least 4 points, got {len(x)}; pass more test samples")
-    reducer = umap.UMAP(n_components=2, n_neighbors=min(config.n_neighbors, len(x) - 1),
-                        min_dist=config.min_dist, metric=config.metric, random_state=config.seed,
-                        n_epochs=config.n_epochs, n_jobs=1)  # seeded umap-learn is single-threaded
+    k = min(config.n_neighbors, len(x) - 1)
+    knn = (None, None, None)
+    if config.metric in EXACT_METRICS:
+        # umap-learn warns unless the third entry is a pynndescent index, which only transform()
+        # uses; embed never calls it, so an empty instance stands in (no warning filters touched:
+        # this runs in a background thread beside the probes)
+        from pynndescent import NNDescent
+        knn = (*exact_knn(x, k, config.metric), NNDescent.__new__(NNDescent))
+    reducer = umap.UMAP(n_components=2, n_neighbors=k, min_dist=config.min_dist, metric=config.metric,
+                        random_state=config.seed, n_epochs=config.n_epochs, n_jobs=1,  # seeded: single-threaded
+                        precomputed_knn=knn)
     return reducer.fit_transform(x)
+
+
+EXACT_METRICS = ("cosine", "euclidean")
+
+
+@torch.no_grad()
+def exact_knn(x: np.ndarray, k: int, metric: str, *, chunk_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k nearest neighbours of every row (itself first, at distance 0), as umap-learn's
+    own exact search returns them: (indices int64, distances float32), both (N, k).
+
+    Why: above 4096 points umap-learn builds an approximate graph with pynndescent, whose
+    search is compiled by numba in every new process (about 40 s on one core, more than the
+    embedding itself); the exact graph of 10k points costs one (N x N) matrix product in chunks."""
+    t = torch.from_numpy(x)
+    cosine = metric == "cosine"
+    t = torch.nn.functional.normalize(t, dim=1) if cosine else t
+    sq = (t * t).sum(1)
+    idx, dist = [], []
+    for start in range(0, len(t), chunk_size):
+        q = t[start:start + chunk_size]
+        # cosine distance 1 - cos; euclidean: squared distance, its root taken after the top-k
+        d = 1 - q @ t.T if cosine else sq[start:start + len(q), None] + sq[None, :] - 2 * (q @ t.T)
+        rows = torch.arange(len(q))
+        d[rows, rows + start] = -1.0  # the point itself first, whatever the rounding
+        d, i = d.topk(k, dim=1, largest=False)
+        idx.append(i)
+        dist.append(d.clamp_min(0) if cosine else d.clamp_min(0).sqrt())
+    return torch.cat(idx).numpy(), torch.cat(dist).numpy().astype(np.float32)
 
 
 def umap_plot(feats, labels, out_png: Path | str, *, feedback_feats=None, feedback_labels=None,
