@@ -137,8 +137,8 @@ def evaluate_run(run_dir: Path | str, *, out_dir: Path | str | None = None, data
     random_model = random_init_model(cfg, model)
     with threadpool_limits(limits=config.blas_threads), _progress(run, config) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="umap") as background:
-        # UMAP's first call in a process is mostly numba compiling on one core; it runs beside the
-        # probes (their BLAS, kNN and lbfgs work releases the GIL), and is collected after them.
+        # UMAP (one core: umap-learn's numba code, compiled on its first call in a process) runs
+        # beside the probes (their BLAS, kNN and lbfgs work releases the GIL), collected after them.
         umaps = [_umap(run, spec, config, out, log, bar, background if config.umap_background else None)
                  for spec in config.umap_layers] if "umap" in config.protocols else []
         if any(p in config.protocols for p in ("linear", "knn")) or config.export_features:

@@ -6,7 +6,9 @@ features of the class prototypes. Both are embedded by *one* UMAP fit, so their 
 - autoencoder: per-sample feedback features b_l (G fed the same images) as small triangles.
 
 Defaults: n_neighbors 15, min_dist 0.1, metric "cosine" (forward and feedback activations differ
-in scale; CCL's layer loss compares their directions), random_state 0, 200 optimisation epochs
+in scale; CCL's layer loss compares their directions), the exact neighbour graph for the cosine
+and euclidean metrics (computed in torch, not umap-learn's approximate pynndescent search, whose
+numba compilation took about 40 s in every new process), random_state 0, 200 optimisation epochs
 (umap-learn's own choice above 10k points; the 500 it picks below that take 2.5x as long), at
 most 10000 test points and 2000 per-sample feedback points (the first ones). With a
 random_state umap-learn runs single-threaded and is reproducible. The parameters, seed, point
