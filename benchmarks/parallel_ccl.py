@@ -39,9 +39,9 @@ VARIANTS = ("bp", "ccl", "parallel_ccl")
 
 
 def command(variant: str, out: Path, *, epochs: int, threads: int, sets: list[str],
-            micro_batches: int = 1) -> tuple[list[str], dict]:
+            micro_batches: int = 1, device: str = "cpu") -> tuple[list[str], dict]:
     """The command line and environment of one run of ``variant``."""
-    common = ["train", "mlp_mnist", "--epochs", str(epochs), "--device", "cpu", "--out", str(out),
+    common = ["train", "mlp_mnist", "--epochs", str(epochs), "--device", device, "--out", str(out),
               "--set", f"data.root={SHARED_DATASETS}", "--set", "train.progress=false",
               "--set", "train.checkpoint_every=0", *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -55,11 +55,13 @@ def command(variant: str, out: Path, *, epochs: int, threads: int, sets: list[st
              "--set", f"train.num_threads={threads}"], {**env, "OMP_NUM_THREADS": str(threads)})
 
 
-def run(variant: str, *, epochs: int, threads: int, sets: list[str], micro_batches: int = 1) -> dict:
+def run(variant: str, *, epochs: int, threads: int, sets: list[str], micro_batches: int = 1,
+        device: str = "cpu") -> dict:
     """One run: every epoch's seconds, the wall time of the whole command and the test accuracy."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        cmd, env = command(variant, out, epochs=epochs, threads=threads, sets=sets, micro_batches=micro_batches)
+        cmd, env = command(variant, out, epochs=epochs, threads=threads, sets=sets, micro_batches=micro_batches,
+                           device=device)
         t0 = time.perf_counter()
         done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -79,6 +81,8 @@ def main() -> None:
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train the pipeline N epochs for its accuracy")
     p.add_argument("--micro-batches", type=int, default=1, help="train.micro_batches of the pipeline runs")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for every run")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: one GPU per run, one per rank for the pipeline (benchmarks/gpu.sh)")
     p.add_argument("--tag", default="", help="suffix of the results file: parallel_ccl<TAG>.json")
     args = p.parse_args()
     if args.epochs < 2:
@@ -87,7 +91,7 @@ def main() -> None:
     for r in range(args.repeats):
         for v in VARIANTS:
             runs[v].append(run(v, epochs=args.epochs, threads=args.threads, sets=args.sets,
-                               micro_batches=args.micro_batches))
+                               micro_batches=args.micro_batches, device=args.device))
             print(f"repeat {r} {v}: epochs {[round(s, 3) for s in runs[v][-1]['epoch_seconds']]}", flush=True)
     med = {v: median([s for rep in runs[v] for s in rep["epoch_seconds"][1:]]) for v in VARIANTS}
     ratios = {"parallel_ccl_over_bp": med["parallel_ccl"] / med["bp"],
@@ -95,11 +99,11 @@ def main() -> None:
     accuracy = None
     if args.accuracy_epochs:
         acc = run("parallel_ccl", epochs=args.accuracy_epochs, threads=args.threads, sets=args.sets,
-                  micro_batches=args.micro_batches)
+                  micro_batches=args.micro_batches, device=args.device)
         accuracy = {"epochs": args.accuracy_epochs, "test_accuracy": acc["test_accuracy"],
                     "met": acc["test_accuracy"] is not None and acc["test_accuracy"] >= TARGET_ACCURACY}
     write_json(f"parallel_ccl{args.tag}.json", {
-        "benchmark": "parallel_ccl", "env": environment(__import__("torch").device("cpu"), args.threads),
+        "benchmark": "parallel_ccl", "env": environment(__import__("torch").device(args.device), args.threads),
         "epochs_per_run": args.epochs, "repeats": args.repeats, "sets": args.sets, "micro_batches": args.micro_batches,
         "median_epoch_seconds": med, "ratios": ratios, "target_parallel_over_bp_max": TARGET_RATIO,
         "met": ratios["parallel_ccl_over_bp"] < TARGET_RATIO, "accuracy": accuracy, "runs": runs})
