@@ -21,7 +21,8 @@ and b^(t) from rank k+1, which rank k+1 computes only once it has finished step 
   P = max( max_k (t_k + its messages),  max_k (f_k + m(up) + t_{k+1} + m(down)) ),
   every rank's own work, and each neighbouring pair's cycle: k's forward, k+1's whole step;
 - the default network-wide clip (one all-reduce of the gradient norms per step): no rank steps
-  before the last has its gradients, so P = max_k (sum_{j<k} (f_j + m(up)) + t_k) + m(down)
+  before the last has its gradients, so
+  P = max( max_k (sum_{j<k} (f_j + m(up)) + t_k) + m(down),  max_k (t_k + its messages) )
   + alpha ceil(log2 K) (the all-reduce).
 With K = 1 both are t_1. The best split is not the parameter-balanced one: rank k's forward and
 rank k+1's whole step are in series, so the upper blocks should be the lighter ones.
@@ -109,10 +110,11 @@ def step_time(layers: list[dict], blocks: list[tuple[int, int]], p: dict, *, cli
     f = [sum(layers[i]["f"] / rate + p["o"] / 2 for i in range(lo, hi)) for lo, hi in blocks]
     up = [p["alpha"] + layers[hi - 1]["up_bytes"] / p["beta"] for lo, hi in blocks[:-1]]
     down = [p["alpha"] + layers[lo - 1]["down_bytes"] / p["beta"] for lo, hi in blocks[1:]]
+    own = [tk + (up[j] if j < k - 1 else 0.0) + (down[j - 1] if j else 0.0) for j, tk in enumerate(t)]
     if clip == "network":
         chain = list(itertools.accumulate([0.0] + [fj + uj for fj, uj in zip(f, up)]))
-        return max(c + tk for c, tk in zip(chain, t)) + max(down) + p["alpha"] * math.ceil(math.log2(k))
-    own = [tk + (up[j] if j < k - 1 else 0.0) + (down[j - 1] if j else 0.0) for j, tk in enumerate(t)]
+        wave = max(c + tk for c, tk in zip(chain, t)) + max(down)
+        return max(wave, *own) + p["alpha"] * math.ceil(math.log2(k))
     pair = [f[j] + up[j] + t[j + 1] + down[j] for j in range(k - 1)]
     return max(own + pair)
 

@@ -80,7 +80,8 @@ def test_epoch_benchmark_on_mnist_files(tmp_path, mnist_root):
     assert d["results"]["ccl_full_run"]["epochs"] == 2
 
 
-@pytest.mark.parametrize("script", ["speed_steps.py", "memory_depth.py", "epoch_mnist.py", "speed_sync.py"])
+@pytest.mark.parametrize("script", ["speed_steps.py", "memory_depth.py", "epoch_mnist.py", "speed_sync.py",
+                                    "parallel_model.py", "parallel_ccl.py"])
 def test_gpu_script_calls_only_existing_scripts_and_flags(script):
     """Every flag gpu.sh passes to a script is one that script accepts (argparse would exit 2
     on the GPU machine, wasting its time)."""
@@ -214,3 +215,30 @@ def test_search_covers_the_papers_grid_and_ties_ccls_networks():
     assert set(sets) == {"optim.forward.lr=0.5", "optim.feedback.lr=0.5",
                          "optim.forward.clip=1.0", "optim.feedback.clip=1.0"}
     assert point_sets("fa", {"optim.forward.lr": "0.5"}) == ["optim.forward.lr=0.5"]
+
+
+def test_parallel_model_costs_and_periods():
+    """The scaling model's per-layer CCL FLOPs add up to what FlopCounterMode counts for a real
+    CCL step (within the pair losses' own small products), and its period obeys the dependencies
+    it states: one rank = the whole step; two ranks = the larger of each rank's work and of
+    (lower forward + upper step), plus messages."""
+    from parallel_model import layer_costs, splits, step_time
+    from speed_common import Stepper
+    st = Stepper("mlp_mnist", "ccl", torch.device("cpu"), batch=64)
+    layers = layer_costs(st.model, 64)
+    real = st.flops()
+    assert 0.9 * real < sum(c["ccl"] for c in layers) <= real
+    assert all(c["g"] < c["f"] for c in layers)  # G runs on the 10 prototypes, F on 64 images
+    p = {"R": 1e9, "o": 1e-4, "alpha": 1e-5, "beta": 1e9, "kappa": 1.0}
+    n = len(layers)
+    one = step_time(layers, [(0, n)], p, clip="layer")
+    assert one == pytest.approx(sum(c["ccl"] / 1e9 + 1e-4 for c in layers))
+    for blocks in splits(st.model, 2):
+        (lo0, hi0), (lo1, hi1) = blocks
+        t = [sum(layers[i]["ccl"] / 1e9 + 1e-4 for i in range(lo, hi)) for lo, hi in blocks]
+        f0 = sum(layers[i]["f"] / 1e9 + 0.5e-4 for i in range(lo0, hi0))
+        up, down = 1e-5 + layers[hi0 - 1]["up_bytes"] / 1e9, 1e-5 + layers[lo1 - 1]["down_bytes"] / 1e9
+        assert step_time(layers, blocks, p, clip="layer") == pytest.approx(max(t[0] + up, t[1] + down,
+                                                                               f0 + up + t[1] + down))
+        assert step_time(layers, blocks, p, clip="network") >= step_time(layers, blocks, p, clip="layer") - 1e-12
+        assert step_time(layers, blocks, p, clip="layer") < one
