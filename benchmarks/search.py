@@ -39,7 +39,8 @@ SPACES = {
              "rule.proj_std": [0.01, 0.03, 0.1, 0.3]},
     "ccl": {"optim.forward.lr": [0.2, 0.5, 1.0, 1.5, 2.0], "optim.forward.clip": [0.5, 1.0]},
 }
-TIED = {"ccl": {"optim.forward.lr": "optim.feedback.lr", "optim.forward.clip": "optim.feedback.clip"}}
+TIED = {"ccl": {"optim.forward.lr": "optim.feedback.lr", "optim.forward.clip": "optim.feedback.clip",
+                "optim.forward.momentum": "optim.feedback.momentum"}}
 
 
 def grid(rule: str, extra: list[str]) -> list[dict[str, str]]:
@@ -53,7 +54,8 @@ def grid(rule: str, extra: list[str]) -> list[dict[str, str]]:
 
 
 def point_sets(rule: str, point: dict[str, str]) -> list[str]:
-    """--set strings of a point; CCL's forward and feedback networks share lr and clip (App. 6.1)."""
+    """--set strings of a point; CCL's forward and feedback networks share lr and clip (App. 6.1), and
+    momentum where a grid sets it."""
     sets = [f"{k}={v}" for k, v in point.items()]
     sets += [f"{TIED[rule][k]}={v}" for k, v in point.items() if k in TIED.get(rule, {})]
     return sets
