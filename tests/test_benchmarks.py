@@ -215,6 +215,8 @@ def test_search_covers_the_papers_grid_and_ties_ccls_networks():
     assert set(sets) == {"optim.forward.lr=0.5", "optim.feedback.lr=0.5",
                          "optim.forward.clip=1.0", "optim.feedback.clip=1.0"}
     assert point_sets("fa", {"optim.forward.lr": "0.5"}) == ["optim.forward.lr=0.5"]
+    # a momentum axis (--grid optim.forward.momentum=...) moves both networks too
+    assert "optim.feedback.momentum=0.9" in point_sets("ccl", {"optim.forward.momentum": "0.9"})
 
 
 def test_parallel_model_costs_and_periods():
