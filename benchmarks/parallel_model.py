@@ -63,7 +63,7 @@ import torch
 import torch.multiprocessing as mp
 
 from speed_common import RESULTS, Stepper, environment, interleaved_times, median, write_json
-from ccl_repr.parallel import split_points
+from ccl_repr.parallel import layer_flops, split_points
 from ccl_repr.models import DualNetwork
 
 BATCHES = {"mlp_mnist": 256, "mlp_small": 64, "cnn": 128, "ae_conv": 32}
@@ -71,24 +71,18 @@ BATCHES = {"mlp_mnist": 256, "mlp_small": 64, "cnn": 128, "ae_conv": 32}
 
 # ----------------------------------------------------------------------------- the model's inputs
 def layer_costs(model: DualNetwork, batch: int) -> list[dict]:
-    """Per layer: F's forward FLOPs on the batch (f), G's on G's batch (g), the CCL and backprop
-    step FLOPs, and the bytes of F's output (sent up) and G's input at that boundary (sent down)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Per layer: F's forward FLOPs on the batch (f), G's on G's batch (g; ccl_repr.parallel's
+    count), the CCL and backprop step FLOPs, and the bytes of F's output (sent up) and of G's
+    input at that boundary (sent down)."""
     x = torch.randn(batch, *model.input_shape)
-    target = model.feedback_input(x, torch.zeros(batch, dtype=torch.long))
-    out, a, bs = [], x, model.feedback_intermediates(target)
+    bs = model.feedback_intermediates(model.feedback_input(x, torch.zeros(batch, dtype=torch.long)))
+    out = []
     with torch.no_grad():
-        for i, layer in enumerate(model.layers):
-            with FlopCounterMode(display=False) as fc:
-                a_next = layer(a)
-            with FlopCounterMode(display=False) as gc:
-                layer.feedback(bs[i + 1])
-            f, g = fc.get_total_flops(), gc.get_total_flops()
+        for i, (layer, (f, g)) in enumerate(zip(model.layers, layer_flops(model, batch))):
+            x = layer(x)
             out.append({"layer": model.layer_names[i + 1], "f": f, "g": g, "ccl": 2 * (f + g),
                         "bp": 3 * f - (f if i == 0 else 0), "has_params": layer.has_params,
-                        "up_bytes": a_next.numel() * 4, "down_bytes": bs[i + 1].numel() * 4})
-            a = a_next
+                        "up_bytes": x.numel() * 4, "down_bytes": bs[i + 1].numel() * 4})
     return out
 
 

@@ -158,7 +158,7 @@ class TrainConfig:
                              "layers (F's and G's), activations up and feedback down one hop per step")
     parallel_split: list[int] = _opt([], lo=1,
                                      doc="train.parallel=layers: the first layer index of ranks 1..K-1, e.g. [3]; "
-                                         "[] = balanced by parameter count")
+                                         "[] = the split with the smallest counted FLOPs per pipeline step (ccl_repr.parallel.balanced_split)")
     micro_batches: int = _opt(1, lo=1,
                               doc="train.parallel=layers: chunks per batch, sent up the pipeline one after the other "
                                   "so the ranks above start sooner; the chunks' losses are summed, weighted by size "

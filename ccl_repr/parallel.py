@@ -32,9 +32,11 @@ Because the delay is per layer, not per block, a K-rank run computes what a sing
 with ``train.feedback_delay=1`` computes, for any split (bit-for-bit on CPU:
 tests/test_parallel.py). Only the very first step waits for the fresh feedback from above.
 
-The split: the first layer index of ranks 1..K-1 (``train.parallel_split``), by default balanced
-by parameter count; a split point must follow a layer with parameters (a flatten passes G's
-gradient through to the layer above it, so it cannot end a block).
+The split: the first layer index of ranks 1..K-1 (``train.parallel_split``), by default the one
+with the smallest counted cost per step (:func:`balanced_split`: the FLOPs of each rank's step
+and of each neighbour pair's forward-then-step chain, which the delay puts in series). A split
+point must follow a layer with parameters (a flatten passes G's gradient through to the layer
+above it, so it cannot end a block).
 
 Files: every rank keeps a whole copy of the model; it steps its own block, and the blocks are
 broadcast from their owners at epoch ends and before any checkpoint (``sync_model``), so
@@ -119,24 +121,60 @@ def split_points(model: DualNetwork) -> list[int]:
     return [s for s in range(1, len(model.layers)) if model.layers[s - 1].has_params]
 
 
-def balanced_split(model: DualNetwork, world: int) -> list[int]:
-    """The start of ranks 1..K-1 that makes the largest block's parameter count (F's and G's) smallest."""
+def layer_flops(model: DualNetwork, batch: int) -> list[tuple[int, int]]:
+    """(F's forward FLOPs on ``batch`` samples, G's on the C class prototypes) of every layer, as
+    torch's FlopCounterMode counts them (matrix products and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    x = torch.zeros(batch, *model.input_shape, device=p.device, dtype=p.dtype)
+    bs = model.feedback_intermediates(model.feedback_input(x))
+    out = []
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            with FlopCounterMode(display=False) as fc:
+                x = layer(x)
+            with FlopCounterMode(display=False) as gc:
+                layer.feedback(bs[i + 1])
+            out.append((fc.get_total_flops(), gc.get_total_flops()))
+    return out
+
+
+def pipeline_period(flops: list[tuple[int, int]], blocks: list[tuple[int, int]]) -> int:
+    """The steady-state FLOPs per step of the slowest link of the pipeline over ``blocks``: each
+    rank's own step (2 (f + g) per layer: a forward and a weight gradient; every input is
+    detached, so no input gradient) and, for each pair of neighbours, the lower rank's forward
+    followed by the upper rank's whole step. In series because rank k's step t needs a^(t) from
+    rank k-1's forward, and b^(t) from rank k+1, which rank k+1 computes only after its update of
+    step t-1 (``train.feedback_delay=1``). Messages and per-layer overheads are left out
+    (``benchmarks/parallel_model.py`` models them)."""
+    own = [sum(2 * (f + g) for f, g in flops[lo:hi]) for lo, hi in blocks]
+    fwd = [sum(f for f, _ in flops[lo:hi]) for lo, hi in blocks]
+    return max(own + [fwd[k] + own[k + 1] for k in range(len(blocks) - 1)])
+
+
+def balanced_split(model: DualNetwork, world: int, *, batch: int) -> list[int]:
+    """The start of ranks 1..K-1 with the smallest :func:`pipeline_period`; ties go to the split
+    whose largest block has the fewest parameters (F's and G's)."""
+    flops, n = layer_flops(model, batch), len(model.layers)
     counts = [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
 
-    def largest(starts: tuple[int, ...]) -> int:
-        edges = [0, *starts, len(counts)]
-        return max(sum(counts[lo:hi]) for lo, hi in zip(edges[:-1], edges[1:]))
+    def key(starts: tuple[int, ...]) -> tuple[int, int]:
+        edges = [0, *starts, n]
+        blocks = list(zip(edges[:-1], edges[1:]))
+        return pipeline_period(flops, blocks), max(sum(counts[lo:hi]) for lo, hi in blocks)
 
-    return list(min(itertools.combinations(split_points(model), world - 1), key=largest))
+    return list(min(itertools.combinations(split_points(model), world - 1), key=key))
 
 
-def make_blocks(model: DualNetwork, world: int, split: list[int]) -> list[tuple[int, int]]:
-    """[(lo, hi)] of every rank from the split (``train.parallel_split``, [] = balanced)."""
+def make_blocks(model: DualNetwork, world: int, split: list[int], *, batch: int = 256) -> list[tuple[int, int]]:
+    """[(lo, hi)] of every rank from the split (``train.parallel_split``; [] = :func:`balanced_split`
+    for batches of ``batch`` samples)."""
     points = split_points(model)
     if len(points) < world - 1:
         raise ConfigError(f"train.parallel=layers: {model.name or 'the model'} has {len(points) + 1} blocks at most, "
                           f"fewer than the {world} ranks; lower torchrun --nproc_per_node")
-    starts = list(split) or balanced_split(model, world)
+    starts = list(split) or balanced_split(model, world, batch=batch)
     if len(starts) != world - 1 or starts != sorted(set(starts)) or not set(starts) <= set(points):
         raise ConfigError(f"train.parallel_split={list(split)}: give {world - 1} increasing layer indices from "
                           f"{points} (a block starts after a layer with parameters), or [] for a balanced split")
@@ -369,7 +407,7 @@ def layer_parallel(cfg: Config, model: DualNetwork, rule: LearningRule, device: 
     process group is up and the model and the CCL rule are built)."""
     assert isinstance(rule, CCL) and rule.feedback_delay == 1
     rank, world = env_rank(), env_world_size()
-    blocks = make_blocks(model, world, cfg.train.parallel_split)
+    blocks = make_blocks(model, world, cfg.train.parallel_split, batch=cfg.train.batch_size)
     group = LayerParallel(rank=rank, world_size=world, device=device, blocks=blocks)
     stage = PipelineStage(rule, model, blocks=blocks, comm=_Comm(rank, world, device),
                           micro_batches=cfg.train.micro_batches)

@@ -16,7 +16,7 @@ from ccl_repr.cli import main
 from ccl_repr.config import ModelConfig, make_config
 from ccl_repr.errors import ConfigError
 from ccl_repr.models import build_model
-from ccl_repr.parallel import balanced_split, make_blocks
+from ccl_repr.parallel import balanced_split, layer_flops, make_blocks, pipeline_period
 from ccl_repr.rules import make_rule
 from ccl_repr.train import train
 from tests.conftest import REPO
@@ -103,7 +103,15 @@ def test_autoencoders_refuse_the_delay():
 
 def test_split_is_balanced_and_checked():
     model = build_model(ModelConfig(name="mlp_mnist"), input_shape=(784,), num_classes=10)
-    assert balanced_split(model, 2) == [1]  # 401k | 529k parameters beats 532k | 398k
+    # by counted FLOPs per pipeline step, not by parameters ([1]: 401k | 529k): rank 0's forward and
+    # rank 1's whole step are in series, so the upper block is the lighter one
+    assert balanced_split(model, 2, batch=256) == [2]
+    flops = layer_flops(model, 256)
+    assert flops[0] == (2 * 256 * 784 * 256, 2 * 10 * 256 * 784)  # F on the batch, G on the 10 prototypes
+    periods = {s: pipeline_period(flops, [(0, s), (s, 6)]) for s in range(1, 6)}
+    assert min(periods, key=periods.get) == 2
+    assert periods[2] == max(sum(2 * (f + g) for f, g in flops[:2]),
+                             sum(f for f, _ in flops[:2]) + sum(2 * (f + g) for f, g in flops[2:]))
     assert make_blocks(model, 3, [2, 4]) == [(0, 2), (2, 4), (4, 6)]
     for bad in ([4, 2], [0, 3], [6, 7], [3]):
         with pytest.raises(ConfigError, match="parallel_split"):
