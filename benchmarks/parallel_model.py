@@ -72,17 +72,15 @@ BATCHES = {"mlp_mnist": 256, "mlp_small": 64, "cnn": 128, "ae_conv": 32}
 # ----------------------------------------------------------------------------- the model's inputs
 def layer_costs(model: DualNetwork, batch: int) -> list[dict]:
     """Per layer: F's forward FLOPs on the batch (f), G's on G's batch (g; ccl_repr.parallel's
-    count), the CCL and backprop step FLOPs, and the bytes of F's output (sent up) and of G's
-    input at that boundary (sent down)."""
-    x = torch.randn(batch, *model.input_shape)
-    bs = model.feedback_intermediates(model.feedback_input(x, torch.zeros(batch, dtype=torch.long)))
+    count), the CCL and backprop step FLOPs, and the bytes of F's output (sent up: the batch) and
+    of G's value at that boundary (sent down: the C prototypes, or the batch for an autoencoder)."""
+    g_rows = batch if model.task == "reconstruct" else model.num_classes
     out = []
-    with torch.no_grad():
-        for i, (layer, (f, g)) in enumerate(zip(model.layers, layer_flops(model, batch))):
-            x = layer(x)
-            out.append({"layer": model.layer_names[i + 1], "f": f, "g": g, "ccl": 2 * (f + g),
-                        "bp": 3 * f - (f if i == 0 else 0), "has_params": layer.has_params,
-                        "up_bytes": x.numel() * 4, "down_bytes": bs[i + 1].numel() * 4})
+    for i, (layer, (f, g)) in enumerate(zip(model.layers, layer_flops(model, batch))):
+        size = math.prod(model.shapes[i + 1]) * 4
+        out.append({"layer": model.layer_names[i + 1], "f": f, "g": g, "ccl": 2 * (f + g),
+                    "bp": 3 * f - (f if i == 0 else 0), "has_params": layer.has_params,
+                    "up_bytes": batch * size, "down_bytes": g_rows * size})
     return out
 
 
@@ -119,8 +117,8 @@ def calibrate_compute(repeats: int, device: torch.device, names: tuple[str, str]
     torch.set_num_threads(1)
     rows = {}
     for name in names:
-        flops = sum(c["ccl"] for c in layer_costs(Stepper(name, "ccl", torch.device("cpu"), batch=1).model, BATCHES[name]))
         st = Stepper(name, "ccl", device, batch=BATCHES[name])
+        flops = sum(c["ccl"] for c in layer_costs(st.model, BATCHES[name]))
         times = interleaved_times({name: st.step}, device, repeats=repeats, warmup=5)[name]
         rows[name] = {"flops": flops, "layers": len(st.model.layers), "step_seconds": median(times)}
     (f1, n1, t1), (f2, n2, t2) = [(r["flops"], r["layers"], r["step_seconds"]) for r in rows.values()]
@@ -201,14 +199,15 @@ def measure_link(backend: str = "gloo", sizes=(4, 40_960, 262_144, 1_048_576), r
 # ----------------------------------------------------------------------------- check and predict
 def check_cpu(params: dict) -> dict:
     """Predicted vs measured 2-rank step of mlp_mnist (epoch seconds / steps per epoch), on the
-    split the measurement used (balanced by parameter count) and on the model's best split."""
+    split those measurements used ([1], the default then: balanced by parameter count) and on the
+    model's best split."""
     import json
 
-    from ccl_repr.parallel import balanced_split, make_blocks
+    from ccl_repr.parallel import make_blocks
     model = Stepper("mlp_mnist", "ccl", torch.device("cpu"), batch=256).model
     layers = layer_costs(model, 256)
     steps = math.ceil(54000 / 256)  # mlp_mnist: 60k images, 10 % held out for validation
-    used = make_blocks(model, 2, balanced_split(model, 2))
+    used = make_blocks(model, 2, [1])
     out: dict = {"steps_per_epoch": steps, "split_measured": used,
                  "ccl_1_thread_predicted": step_time(layers, [(0, len(layers))], params, clip="layer")}
     for tag, clip in (("", "network"), ("_layerclip", "layer")):
