@@ -1,21 +1,32 @@
-"""Autoencoder benchmark: recipe ``ae_mnist`` trained with CCL and with backprop, same epochs, several seeds.
+"""Autoencoder benchmark: an autoencoder recipe (default ``ae_mnist``) trained with CCL and with
+backprop, same epochs, several seeds.
 
 Each (variant, seed) is one ``ccl-repr train`` through the real CLI, in sequence (one thread
-each, so wall times are comparable). The script collects every run's summary.json, writes
-``benchmarks/results/ae_mnist.json`` and regenerates the table section of
-``docs/results_ae.md`` between its markers, next to the paper's STL-10 numbers.
+each, so wall times are comparable), into ``benchmarks/out/TAG-VARIANT-sSEED``. The script
+collects every run's summary.json, writes ``benchmarks/results/TAG.json`` and regenerates the
+TAG section of ``docs/results_ae.md`` between its markers, next to the paper's STL-10 numbers.
 
     nice -n 10 python benchmarks/ae_mnist.py --data-root ../shared/datasets --seeds 0 1 2
 
 With ``--probe`` each run's bottleneck (F's code; for CCL also G's middle layer) is scored by
-the evals protocols (linear probe and kNN, their defaults), and ``--tag`` names the JSON and the
-doc section, so the converged comparison is one command beside the short one:
+the evals protocols (linear probe and kNN, their defaults) beside PCA of the pixels to the same
+width and the raw pixels, and the first CCL run's code is drawn by UMAP (F and G, class names)
+into ``benchmarks/results/TAG_umap.png`` (:mod:`evals.codes`). The converged comparison is one
+command beside the short one:
 
     nice -n 10 python benchmarks/ae_mnist.py --data-root ../shared/datasets --seeds 0 \
         --variants ccl bp_tuned --probe --tag ae_mnist_converged
 
+Any other autoencoder recipe runs the same way, e.g. the CPU-sized conv autoencoder on a
+CIFAR-10 image folder (``--reuse`` collects runs already trained, so the variants can be
+trained by separate invocations on separate cores and gathered by a last one):
+
+    nice -n 10 python benchmarks/ae_mnist.py --recipe ae_cifar10_small --tag ae_cifar10_small_jpeg \
+        --seeds 0 --variants ccl bp bp_tuned --set data.name=imagefolder --set data.root=data/cifar10 \
+        --probe --reuse
+
 Every row also carries the run's validation MSE per epoch (``val_mse``). Test MSE is on the
-[0, 1] pixel scale (the recipe sets data.normalize: false). Targets: mean CCL / mean BP <= 1.5
+[0, 1] pixel scale (the recipes set data.normalize: false). Targets: mean CCL / mean BP <= 1.5
 (paper, STL-10: 0.0086 / 0.0059 = 1.46), stretch <= 1.2; converged, against the tuned BP: <= 1.1.
 """
 
@@ -44,19 +55,22 @@ def markers(tag: str) -> tuple[str, str]:
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
     method, sets = VARIANTS[variant]
-    out = Path(args.runs) / f"ae_mnist-{variant}-s{seed}"
+    out = Path(args.runs) / f"{args.tag}-{variant}-s{seed}"
     cli = ["train", args.recipe, "--method", method, "--seed", str(seed), "--data-root", args.data_root,
            "--out", str(out), "--overwrite", "--no-progress", "--set", "train.num_threads=1"]
     cli += [f"--set={s}" for s in sets + args.sets] + (["--epochs", str(args.epochs)] if args.epochs else [])
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ccl_repr.cli", *cli], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed: ccl-repr {' '.join(cli)}\n{proc.stderr[-2000:]}")
-    s = json.loads((ROOT / out / "summary.json").read_text())
+    summary = ROOT / out / "summary.json"
+    t0, reused = time.perf_counter(), args.reuse and reusable(summary, method, seed, args)
+    if not reused:
+        proc = subprocess.run([sys.executable, "-m", "ccl_repr.cli", *cli], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            raise SystemExit(f"run failed: ccl-repr {' '.join(cli)}\n{proc.stderr[-2000:]}")
+    s = json.loads(summary.read_text())
+    wall = s["train_seconds"] if reused else time.perf_counter() - t0
     metrics = [json.loads(line) for line in (ROOT / out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    row = {"variant": variant, "method": method, "seed": seed, "wall_seconds": round(wall, 1),
+    row = {"variant": variant, "method": method, "seed": seed, "run": str(out), "reused": reused,
+           "wall_seconds": round(wall, 1),
            "command": "ccl-repr " + " ".join(cli),
            **{k: s[k] for k in ("test_mse", "best_val_mse", "best_epoch", "epochs", "train_seconds", "num_train")},
            "val_mse": [m["val/mse"] for m in metrics]}
@@ -66,20 +80,42 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
     return row
 
 
+def reusable(summary: Path, method: str, seed: int, args: argparse.Namespace) -> bool:
+    """A finished run of the same recipe, method, seed and epochs (--reuse collects it; its wall
+    time is then the run's own train_seconds)."""
+    if not summary.exists():
+        return False
+    s = json.loads(summary.read_text())
+    return (s.get("recipe"), s.get("method"), s.get("seed")) == (args.recipe, method, seed) and (
+        args.epochs is None or s.get("epochs") == args.epochs)
+
+
 def probe_codes(run_dir: Path, method: str) -> dict:
     """Linear probe and kNN (evals defaults) of F's bottleneck and, for CCL, G's middle layer."""
-    from evals.evaluate import EvalConfig, score
-    from evals.features import extract, open_run
+    from evals.codes import code_rows
+    from evals.features import open_run
 
-    run = open_run(run_dir)
-    splits, k = (run.data.train, run.data.val, run.data.test), run.model.feature_index
-    out = {}
-    for network in ("forward", "feedback") if method == "ccl" else ("forward",):
-        t0 = time.perf_counter()
-        feats = [extract(run.model, s.x, layers=[k], network=network)[k] for s in splits]
-        r = score(feats, [s.y for s in splits], ("linear", "knn"), EvalConfig())
-        out[network] = {"layer": run.model.layer_names[k], "dim": r["dim"], "linear_probe": r["linear_probe_accuracy"],
-                        "knn": r["knn_accuracy"], "seconds": round(time.perf_counter() - t0, 1)}
+    return {r["network"]: {"layer": r["layer"], "dim": r["dim"], "linear_probe": r["linear_probe"], "knn": r["knn"],
+                           "seconds": r["seconds"]}
+            for r in code_rows(open_run(run_dir), method)}
+
+
+def references(rows: list[dict], args: argparse.Namespace) -> dict:
+    """PCA of the pixels to the code's width and the raw pixels, probed on the same splits, and
+    the UMAP of the first CCL run's code (F and G) in benchmarks/results/TAG_umap.png."""
+    from evals.codes import reference_rows, umap_codes
+    from evals.features import open_run
+
+    first = open_run(ROOT / rows[0]["run"])
+    dim = next(iter(rows[0]["probes"].values()))["dim"]
+    out = {r["representation"]: {k: r[k] for k in ("dim", "linear_probe", "knn", "seconds")}
+           for r in reference_rows(first, dim=dim)}
+    ccl = [r for r in rows if r["method"] == "ccl"]
+    if ccl:
+        png = ROOT / f"benchmarks/results/{args.tag}_umap.png"
+        umap = umap_codes(open_run(ROOT / ccl[0]["run"]), png)
+        out["umap"] = {"png": str(png.relative_to(ROOT)), "run": ccl[0]["run"],
+                       **{k: v for k, v in umap.items() if isinstance(v, (int, float, str))}}
     return out
 
 
@@ -102,8 +138,8 @@ def markdown(result: dict) -> str:
     per, seeds = result["summary"]["variants"], result["seeds"]
     epochs = result["rows"][0]["epochs"]
     begin, end = markers(result["tag"])
-    lines = [begin, "", f"`ae_mnist`, {epochs} epochs, seeds {', '.join(map(str, seeds))}; test MSE on [0, 1] "
-             f"pixels over the 10,000 MNIST test images ({result['rows'][0]['num_train']} training images).", "",
+    lines = [begin, "", f"`{result['recipe']}`, {epochs} epochs, seeds {', '.join(map(str, seeds))}; test MSE on "
+             f"[0, 1] pixels over the whole test split ({result['rows'][0]['num_train']} training images).", "",
              "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | wall s (all seeds) "
              "| paper, STL-10 (conv AE) |", "|---" * (len(seeds) + 4) + "|"]
     for name, v in per.items():
@@ -115,13 +151,13 @@ def markdown(result: dict) -> str:
     for key, value in result["summary"]["ratios"].items():
         lines.append(f"| {key.replace('ccl/', 'CCL / ')} | **{value:.2f}** | "
                      + ("1.46 (0.0086 / 0.0059)" if key == "ccl/bp" else "-") + " |")
-    lines += probe_table(result["rows"]) + curve_table(result["rows"])
+    lines += probe_table(result["rows"], result.get("references", {})) + curve_table(result["rows"])
     lines += ["", f"One command: `{result['command']}`; runs, in this order:", "", "```"]
     lines += [r["command"] for r in result["rows"]] + ["```", "", end]
     return "\n".join(lines)
 
 
-def probe_table(rows: list[dict]) -> list[str]:
+def probe_table(rows: list[dict], refs: dict) -> list[str]:
     probed = [r for r in rows if "probes" in r]
     if not probed:
         return []
@@ -130,6 +166,11 @@ def probe_table(rows: list[dict]) -> list[str]:
         for network, p in r["probes"].items():
             code = f"{'F' if network == 'forward' else 'G'} {p['layer']}"
             lines.append(f"| {r['variant']} | {r['seed']} | {code} | {p['dim']} | {p['linear_probe']:.2%} | {p['knn']:.2%} |")
+    for name, p in refs.items():
+        if name != "umap":
+            lines.append(f"| {name} | - | - | {p['dim']} | {p['linear_probe']:.2%} | {p['knn']:.2%} |")
+    if "umap" in refs:
+        lines += ["", f"UMAP of the CCL code (F and G, test images): `{refs['umap']['png']}`."]
     return lines
 
 
@@ -161,7 +202,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="override the recipe's epochs (same for every variant)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for every run")
     p.add_argument("--runs", default="benchmarks/out", help="parent folder of the run folders")
-    p.add_argument("--probe", action="store_true", help="linear probe + kNN of each run's bottleneck (evals)")
+    p.add_argument("--probe", action="store_true", help="linear probe + kNN of each run's bottleneck beside PCA of "
+                   "the same width and raw pixels, and the UMAP of the CCL code (evals.codes)")
+    p.add_argument("--reuse", action="store_true", help="collect a finished run of the same recipe, method, seed "
+                   "and epochs instead of training it again")
     p.add_argument("--tag", default="ae_mnist", help="names the JSON (benchmarks/results/TAG.json) and the doc section")
     p.add_argument("--json", help="default: benchmarks/results/TAG.json")
     p.add_argument("--doc", default="docs/results_ae.md")
@@ -171,6 +215,8 @@ def main() -> None:
     result = {"recipe": args.recipe, "tag": args.tag, "seeds": args.seeds, "rows": rows, "summary": summarise(rows),
               "total_wall_seconds": round(time.perf_counter() - started, 1),
               "command": "nice -n 10 python benchmarks/ae_mnist.py " + " ".join(sys.argv[1:])}
+    if args.probe:
+        result["references"] = references(rows, args)
     json_path = ROOT / (args.json or f"benchmarks/results/{args.tag}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")

@@ -265,39 +265,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_probes(runs: dict, mse: dict[str, float]) -> list[dict]:
     """Linear probe and kNN (evals defaults) of each run's code (F's bottleneck; for CCL also
     G's middle layer), of PCA of the pixels to the code's width, and of the raw pixels."""
-    from evals.baselines import pca, pixels
-    from evals.evaluate import EvalConfig, score
-    from evals.features import extract
+    from evals.codes import probe_codes
 
-    config, rows = EvalConfig(), []
-
-    def row(label: str, feats, splits, test_mse: float | None = None) -> dict:
-        r = score(feats, [s.y for s in splits], ("linear", "knn"), config)
-        return {"representation": label, "dim": r["dim"], "test_mse": test_mse,
-                "linear_probe": r["linear_probe_accuracy"], "knn": r["knn_accuracy"]}
-
-    for method, run in runs.items():
-        splits, k = (run.data.train, run.data.val, run.data.test), run.model.feature_index
-        for network in ("forward", "feedback") if method == "ccl" else ("forward",):
-            feats = [extract(run.model, s.x, layers=[k], network=network)[k] for s in splits]
-            rows.append(row(f"{method.upper()} code, {'F' if network == 'forward' else 'G'}", feats, splits,
-                            mse[method] if network == "forward" else None))
-    xs = [s.x for s in splits]
-    rows.append(row("PCA of pixels", pca(*xs, dim=rows[0]["dim"])[0], splits))
-    rows.append(row("raw pixels", pixels(*xs), splits))
-    return rows
+    return [{k: r[k] for k in ("representation", "dim", "test_mse", "linear_probe", "knn")}
+            for r in probe_codes(runs, mse)]
 
 
 def _demo_umap(run, png: Path) -> dict:
     """UMAP of the CCL code of the test images: F's bottleneck and G's middle layer in one map."""
-    from evals.features import extract
-    from evals.umap_plot import umap_plot
+    from evals.codes import umap_codes
 
-    k, test = run.model.feature_index, run.data.test
-    f, g = (extract(run.model, test.x, layers=[k], network=n)[k] for n in ("forward", "feedback"))
-    return umap_plot(f, test.y, png, feedback_feats=g, feedback_labels=test.y, feedback_kind="samples",
-                     class_names=run.data.classes,
-                     title=f"CCL autoencoder code ({f.shape[1]}-d) of {len(f)} test digits: F and G")
+    return umap_codes(run, png, what="test digits")
 
 
 def _print_demo_table(rows: list[dict], *, num_test: int) -> None:

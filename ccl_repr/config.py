@@ -153,9 +153,10 @@ class TrainConfig:
                                doc="CCL only: 1 = every feedback layer's input is the value computed one optimiser "
                                    "step earlier (what a layer pipeline sees; train.parallel=layers needs it); "
                                    "0 = G's fresh values (the paper)")
-    parallel: str = _opt("none", choices=("none", "layers"),
+    parallel: str = _opt("none", choices=("none", "layers", "networks"),
                          doc="layers = model-parallel CCL under torchrun: each rank trains a contiguous block of "
-                             "layers (F's and G's), activations up and feedback down one hop per step")
+                             "layers (F's and G's), activations up and feedback down one hop per step; networks = "
+                             "the F/G split on 2 ranks: F trains on rank 0 while G trains on rank 1 (autoencoders)")
     parallel_split: list[int] = _opt([], lo=1,
                                      doc="train.parallel=layers: the first layer index of ranks 1..K-1, e.g. [3]; "
                                          "[] = the split with the smallest counted FLOPs per pipeline step (ccl_repr.parallel.balanced_split)")

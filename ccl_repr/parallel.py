@@ -68,7 +68,9 @@ update up to float rounding (not bit-exact: the sums run in another order; the a
 term, which couples samples, is refused). With m=1 (the default) nothing changes.
 
 Not supported yet: autoencoders (per-sample feedback), per-sample targets, flooding (its mask
-needs the top rank's logits on every rank), the layer-wise step, diagnostics hooks.
+needs the top rank's logits on every rank), the layer-wise step, diagnostics hooks. Autoencoders
+(and any CCL model) have the F/G split instead: ``train.parallel=networks``
+(:mod:`ccl_repr.parallel_networks`).
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def check_config(cfg: Config, *, hooks: Sequence = ()) -> None:
         if t.micro_batches > 1:
             raise ConfigError("train.micro_batches applies to train.parallel=layers; set it to 1 or run the pipeline")
         return
+    if t.parallel == "networks":
+        return _check_networks(cfg, hooks)
     problem = (
         "micro-batches split the anti-collapse term, which couples the batch's samples: set train.micro_batches=1"
         if t.micro_batches > 1 and cfg.loss.form == "normalized" and cfg.loss.anti_collapse > 0 else
@@ -114,6 +118,22 @@ def check_config(cfg: Config, *, hooks: Sequence = ()) -> None:
         "the compiled step is single-process: set train.compile=false" if t.compile else None)
     if problem:
         raise ConfigError(f"train.parallel=layers: {problem}")
+
+
+def _check_networks(cfg: Config, hooks: Sequence) -> None:
+    """The F/G split (:mod:`ccl_repr.parallel_networks`): two ranks, CCL, this step's values."""
+    t = cfg.train
+    problem = (
+        "it needs torchrun with 2 processes, F's and G's (torchrun --nproc_per_node=2 -m ccl_repr.cli train ...)"
+        if env_world_size() != 2 else
+        f"it trains CCL only, not {cfg.method}; use --method ccl" if cfg.method != "ccl" else
+        "F and G exchange this step's values, no delay: set train.feedback_delay=0" if t.feedback_delay else
+        "micro-batches apply to train.parallel=layers: set train.micro_batches=1" if t.micro_batches > 1 else
+        "diagnostics hooks would call the rule outside the split: drop the diagnostics options" if hooks else
+        "the layer-wise step is single-process: set train.layerwise=false" if t.layerwise else
+        "the compiled step is single-process: set train.compile=false" if t.compile else None)
+    if problem:
+        raise ConfigError(f"train.parallel=networks: {problem}")
 
 
 def split_points(model: DualNetwork) -> list[int]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from . import distributed, fastpath, parallel, tblog
+from . import distributed, fastpath, parallel, parallel_networks, tblog
 from .fastpath import resolve_device
 from .config import Config
 from .data import DataBundle, Split, batches, load_data, shuffle_order
@@ -113,9 +113,9 @@ def train(cfg: Config, out_dir: Path | str, *, overwrite: bool = False, resume: 
     parallel.check_config(cfg, hooks=hooks)  # model-parallel options refused before anything runs
     out, state, device, ddp = _start(cfg, Path(out_dir), overwrite=overwrite, resume=resume)
     bundle, model, rule, optim, steps_per_epoch = _build(cfg, device, ddp, model=model, data=data)
-    if cfg.train.parallel != "none":  # this rank's block of layers: its group, stage and optimisers
-        ddp, rule, optim = parallel.layer_parallel(cfg, model, rule, device,
-                                                   total_steps=cfg.train.epochs * steps_per_epoch)
+    if cfg.train.parallel != "none":  # this rank's block of layers or network: its group, stage and optimisers
+        setup = parallel.layer_parallel if cfg.train.parallel == "layers" else parallel_networks.network_parallel
+        ddp, rule, optim = setup(cfg, model, rule, device, total_steps=cfg.train.epochs * steps_per_epoch)
     st = TrainingState(model=model, rule=rule, optim=optim, device=device,
                        shuffle=torch.Generator(device=device).manual_seed(cfg.seed),
                        aug=torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.data.augment else None)

@@ -87,6 +87,7 @@ def test_delay_resumes_exactly_and_changes_training(tmp_path):
     (["--set", "train.feedback_delay=1", "--set", "train.layerwise=true"], "train.layerwise=false"),
     (["--set", "train.parallel=layers", "--set", "train.feedback_delay=1"], "torchrun"),
     (["--set", "train.micro_batches=2"], "train.parallel=layers"),
+    (["--set", "train.parallel=networks"], "torchrun with 2 processes"),
 ])
 def test_what_is_not_implemented_is_refused_in_one_line(tmp_path, capsys, sets, words):
     code = main(["train", "mlp_digits", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r"), *sets])
@@ -157,20 +158,64 @@ def test_two_rank_pipeline_equals_one_process_with_the_same_delay(tmp_path):
     assert any(not torch.equal(c[k], a[k]) for k in a)  # the chunks did run: their sums round differently
 
 
+# The F/G split computes the paper's step (no delay) for any CCL model: a conv autoencoder with
+# batch norms, and a classifier whose G runs on per-sample targets and whose flooding mask needs F's
+# logits on G's rank.
+FG_CASES = {"ae_conv": ("ae_digits", ["model.name=ae_conv", "model.widths=[4,8]"]),
+            "samples_flooding": ("mlp_digits", ["loss.targets=samples", "loss.flooding=0.1"])}
+FG_SETS = [s for s in SETS if not s.startswith("train.feedback_delay")]
+
+
+@pytest.mark.parametrize("case", sorted(FG_CASES))
+def test_fg_split_equals_one_process(tmp_path, case):
+    """F on rank 0 and G on rank 1 (train.parallel=networks), each with the other's values as
+    constants: the parameters, the checkpoint and the metrics rows equal single-process CCL's,
+    bit for bit."""
+    recipe, extra = FG_CASES[case]
+    sets = [*FG_SETS, *extra]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    cfg = make_config(recipe, overrides={"train": {"epochs": 2}, "device": "cpu"}, sets=sets)
+    train(cfg, single, log=lambda m: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "ccl_repr.cli", "train", recipe, "--epochs", "2", "--device", "cpu", "--out", str(multi),
+           *[a for s in [*sets, "train.parallel=networks"] for a in ("--set", s)]]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Warning" not in done.stderr, done.stderr[-3000:]
+    for name in ("checkpoint.pt", "model.pt"):
+        a, b = ckpt.load_checkpoint(single / name)["model"], ckpt.load_checkpoint(multi / name)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    ranks = ckpt.load_checkpoint(multi / "checkpoint.pt")["optim"]["network_parallel"]["ranks"]
+    assert not ranks[0]["feedback"]["opt"]["state"] and not ranks[1]["forward"]["opt"]["state"]  # each steps its own
+    momentum = [getattr(cfg.optim, net).momentum > 0 for net in ("forward", "feedback")]
+    assert [bool(r[net]["opt"]["state"]) for r, net in zip(ranks, ("forward", "feedback"))] == momentum
+    drop = ("epoch_seconds", "samples_per_second")
+    rows_a, rows_b = ckpt.read_jsonl(single / ckpt.METRICS), ckpt.read_jsonl(multi / ckpt.METRICS)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows_a] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in rows_b]
+
+
+# (recipe, --set values, parallel mode): the layer pipeline with its delay; the F/G split without.
+STOP_CASES = {"layers": ("mlp_digits", SETS), "networks": ("ae_digits", FG_SETS)}
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="finds the rank's process through /proc")
-def test_sigterm_to_one_rank_stops_the_pipeline_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("mode", sorted(STOP_CASES))
+def test_sigterm_to_one_rank_stops_the_pipeline_and_resumes_exactly(tmp_path, mode):
     """SIGTERM to rank 1 only: both ranks stop after the same step, rank 0's checkpoint holds
-    every rank's block, optimiser and delayed values, and `--resume` under torchrun ends where
-    the uninterrupted single-process run with the same delay ends."""
+    every rank's block (or network), optimiser and delayed values, and `--resume` under torchrun
+    ends where the uninterrupted single-process run (with the same delay) ends."""
     from tests.test_distributed import _rank_pid
+    recipe, base = STOP_CASES[mode]
     epochs, single, multi = 20, tmp_path / "single", tmp_path / "multi"
-    sets = [*SETS, "train.checkpoint_every=0"]
-    train(make_config("mlp_digits", overrides={"train": {"epochs": epochs}, "device": "cpu"}, sets=sets),
+    sets = [*base, "train.checkpoint_every=0"]
+    train(make_config(recipe, overrides={"train": {"epochs": epochs}, "device": "cpu"}, sets=sets),
           single, log=lambda m: None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ccl_repr.cli"]
-    proc = subprocess.Popen([*launch, "train", "mlp_digits", "--epochs", str(epochs), "--device", "cpu",
-                             "--out", str(multi), *[a for s in [*sets, "train.parallel=layers"] for a in ("--set", s)]],
+    proc = subprocess.Popen([*launch, "train", recipe, "--epochs", str(epochs), "--device", "cpu",
+                             "--out", str(multi), *[a for s in [*sets, f"train.parallel={mode}"] for a in ("--set", s)]],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180

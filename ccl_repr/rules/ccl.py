@@ -103,9 +103,14 @@ class CCL(LearningRule):
         self.prev, self.pending = {keys[k]: v.to(self.device, copy=True) for k, v in state.items()}, None
 
     def losses(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        return self.terms(model, model.forward_intermediates(x), self.feedback_values(model, x, y), y)
+
+    def terms(self, model: DualNetwork, a: list[Tensor], b: list[Tensor], y: Tensor) -> dict[str, Tensor]:
+        """The step's loss terms from F's values a_0..a_L and G's b_0..b_L. Each term's gradient
+        with respect to a is the same whether b carries a graph or not (and the other way round),
+        so F and G may be given their own copies with the other side detached
+        (:mod:`ccl_repr.parallel_networks`)."""
         cfg = self.cfg
-        a = model.forward_intermediates(x)
-        b = self.feedback_values(model, x, y)
         out: dict[str, Tensor] = {}
         if model.task == "reconstruct":
             last = len(model.layers)

@@ -1,0 +1,165 @@
+"""The F/G split: the forward network F trains on rank 0 while the feedback network G trains on rank 1.
+
+Launch with torchrun, two processes (gloo on CPU, NCCL on GPUs)::
+
+    torchrun --nproc_per_node=2 -m ccl_repr.cli train ae_mnist --set train.parallel=networks
+
+Why it works: the paper names training F and G in parallel as future work. Every CCL layer's input
+is detached (Eq. 2), so the step has two independent halves that meet only in the pair losses:
+F's pass a_0..a_L needs nothing from G, and G's pass b_L..b_0 nothing from F. Per step:
+
+1. rank 0 runs F on the batch and rank 1 runs G on its targets (the images, for an autoencoder),
+   at the same time;
+2. each sends its values, detached, to the other (one message each way: every boundary's tensor
+   packed into one buffer);
+3. each computes the step's loss terms (:meth:`ccl_repr.rules.ccl.CCL.terms`) with the other
+   side's values as constants and backpropagates them. A term's gradient with respect to a does
+   not depend on whether b carries a graph, and every parameter belongs to one network, so each
+   rank gets exactly the gradients of its network in the single-process step;
+4. each clips and steps its own network. The clip norm is per network, so no rank waits for the
+   other's gradients: there is no collective in the step, and no delay either. Both ranks run
+   the same schedule (rank 0 keeps G's learning rate in step for the metrics rows).
+
+So a 2-rank run computes what single-process CCL computes, with G's fresh values
+(``train.feedback_delay=0``, the paper's method), bit for bit on CPU (tests/test_parallel.py).
+It suits the autoencoders, whose F and G cost the same: a classifier's G runs on the C class
+prototypes, so its rank would sit idle (split the layers instead, ``train.parallel=layers``).
+Per-sample targets and flooding need no special case: rank 1 receives F's logits with the rest.
+
+Files, stops and the guard as in :mod:`ccl_repr.parallel`: every rank holds the whole model; at
+epoch ends and before checkpoints F's half is broadcast from rank 0 and G's from rank 1; rank 0
+writes the run folder, with both ranks' optimiser state in its checkpoint
+({"network_parallel": {"ranks"}}); stop requests are agreed, so both ranks stop after the same step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .config import Config, OptimConfig
+from .distributed import env_rank
+from .errors import CheckpointError, ConfigError
+from .network import DualNetwork
+from .optim import Optimizers
+from .parallel import LayerParallel
+from .rules import LearningRule
+from .rules.ccl import CCL
+
+NETWORKS = ("forward", "feedback")  # rank 0 trains F, rank 1 trains G
+
+
+class NetworkParallel(LayerParallel):
+    """The group of an F/G split: the losses are gathered as for a layer pipeline; the model is
+    whole again after F's half comes from rank 0 and G's from rank 1."""
+
+    def __init__(self, *, rank: int, world_size: int, device: torch.device) -> None:
+        super().__init__(rank=rank, world_size=world_size, device=device, blocks=[])
+
+    @torch.no_grad()
+    def sync_model(self, model: nn.Module) -> None:
+        for layer in model.layers:
+            for src, side in enumerate((layer.fwd, layer.fbk)):
+                for t in side.state_dict().values():
+                    dist.broadcast(t, src=src)
+
+
+class NetworkOptimizers(Optimizers):
+    """Both networks' schedules, but only this rank's network is conditioned, clipped and stepped."""
+
+    def __init__(self, model: DualNetwork, cfg: OptimConfig, *, total_steps: int, rank: int) -> None:
+        super().__init__(model, cfg, total_steps=total_steps, networks=NETWORKS)
+        self.own, self.rank = NETWORKS[rank], rank
+
+    def clip_and_step(self) -> None:
+        ncfg = self.nets[self.own][0]
+        self.condition(self.own)
+        if ncfg.clip > 0:
+            self.clip(self.own, ncfg)
+        for _, opt, sched in self.nets.values():
+            opt.step()  # the other network has no gradients on this rank: SGD skips it, its schedule keeps pace
+            sched.step()
+
+    def state_dict(self) -> dict:
+        ranks: list[dict | None] = [None] * len(NETWORKS)
+        dist.all_gather_object(ranks, super().state_dict())
+        return {"network_parallel": {"ranks": ranks}}
+
+    def load_state_dict(self, state: dict) -> None:
+        split = state.get("network_parallel")
+        if split is None:
+            raise CheckpointError("the checkpoint's optimiser state was saved by another layout, not the F/G split; "
+                                  "resume with the run's own train.parallel")
+        super().load_state_dict(split["ranks"][self.rank])
+
+
+class NetworkStage(LearningRule):
+    """One rank's half of a CCL step: F's (rank 0) or G's (rank 1); see the module docstring."""
+
+    name, tasks, trains, detach_inputs = "ccl", ("classify", "reconstruct"), NETWORKS, True
+
+    def __init__(self, rule: CCL, *, rank: int, device: torch.device) -> None:
+        self.rule, self.rank, self.device = rule, rank, device
+        self.autocast = rule.autocast
+        self.sent: list[dist.Work] = []
+
+    def losses(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        raise ConfigError("train.parallel=networks: a rank's losses exist only inside its training step")
+
+    def backward(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        target = model.feedback_input(x, y, targets=self.rule.cfg.targets)
+        n = len(model.layers)
+        rows = {"a": x.shape[0], "b": target.shape[0]}
+        with self.autocast():
+            if self.rank == 0:
+                a = model.forward_intermediates(x)
+                self.sent.append(dist.isend(_pack(a[1:]), dst=1))
+                b = [*_unpack(self._recv(model, rows["b"], range(n)), model, rows["b"], range(n)), target]
+            else:
+                b = self.rule.feedback_values(model, x, y)
+                self.sent.append(dist.isend(_pack(b[:-1]), dst=0))
+                a = [x, *_unpack(self._recv(model, rows["a"], range(1, n + 1)), model, rows["a"], range(1, n + 1))]
+            out = self.rule.terms(model, a, b, y)
+        torch.autograd.backward([v for v in out.values() if v.requires_grad])
+        return {k: v.detach() for k, v in out.items()}
+
+    def _recv(self, model: DualNetwork, rows: int, indices: range) -> Tensor:
+        buf = torch.empty(sum(rows * math.prod(model.shapes[j]) for j in indices), device=self.device)
+        dist.recv(buf, src=1 - self.rank)
+        return buf
+
+    def end_step(self) -> None:
+        for work in self.sent:
+            work.wait()
+        self.sent = []
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise CheckpointError(f"the checkpoint holds CCL state {sorted(state)}; the F/G split keeps none: "
+                                  "resume with the run's own config")
+
+
+def _pack(values: list[Tensor]) -> Tensor:
+    """Every value, detached, in one float32 buffer: one message per step and direction."""
+    return torch.cat([v.detach().float().reshape(-1) for v in values])
+
+
+def _unpack(buf: Tensor, model: DualNetwork, rows: int, indices: range) -> list[Tensor]:
+    shapes = [(rows, *model.shapes[j]) for j in indices]
+    return [part.view(shape) for part, shape in zip(buf.split([math.prod(s) for s in shapes]), shapes)]
+
+
+def network_parallel(cfg: Config, model: DualNetwork, rule: LearningRule, device: torch.device, *,
+                     total_steps: int) -> tuple[NetworkParallel, NetworkStage, NetworkOptimizers]:
+    """This rank's group, half-step and optimisers for ``cfg.train.parallel=networks``."""
+    assert isinstance(rule, CCL) and rule.feedback_delay == 0
+    rank = env_rank()
+    group = NetworkParallel(rank=rank, world_size=len(NETWORKS), device=device)
+    return group, NetworkStage(rule, rank=rank, device=device), NetworkOptimizers(
+        model, cfg.optim, total_steps=total_steps, rank=rank)
