@@ -4,7 +4,8 @@
 # the last with the 100-epoch CCL mlp_mnist run, eager and as CUDA graphs: target <= 30 s).
 # With two or more GPUs it also measures the parallel-CCL scaling model's parameters (FLOP rate,
 # per-layer cost, NCCL latency and bandwidth: parallel_model_cuda.json) and epoch times of BP, CCL
-# and 2-rank parallel CCL on mlp_mnist (parallel_ccl_cuda.json).
+# and 2-rank parallel CCL on mlp_mnist (parallel_ccl_cuda.json) and of the F/G split on ae_mnist
+# (parallel_ccl_ae_mnist_fg_cuda.json).
 #   bash benchmarks/gpu.sh            (from anywhere; MNIST is read from ../shared/datasets)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,8 @@ if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; th
   timeout 120 python benchmarks/parallel_model.py --device cuda --out parallel_model_cuda.json || echo "!! failed or timed out (exit $?); continuing"
   step "parallel CCL: epoch time, BP vs CCL vs 2 ranks (one GPU each)"
   timeout 240 python benchmarks/parallel_ccl.py --device cuda --epochs 2 --repeats 1 --tag _cuda || echo "!! failed or timed out (exit $?); continuing"
+  step "parallel CCL: the F/G split of ae_mnist (F on one GPU, G on the other) vs BP and CCL"
+  timeout 150 python benchmarks/parallel_ccl.py --device cuda --recipe ae_mnist --parallel networks --epochs 2 --repeats 1 --tag _ae_mnist_fg_cuda || echo "!! failed or timed out (exit $?); continuing"
 fi
 step "done"
 ls -l benchmarks/results/*_cuda.json
