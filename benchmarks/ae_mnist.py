@@ -100,9 +100,9 @@ def probe_codes(run_dir: Path, method: str) -> dict:
             for r in code_rows(open_run(run_dir), method)}
 
 
-def references(rows: list[dict], args: argparse.Namespace) -> dict:
+def references(rows: list[dict], args: argparse.Namespace, folder: Path) -> dict:
     """PCA of the pixels to the code's width and the raw pixels, probed on the same splits, and
-    the UMAP of the first CCL run's code (F and G) in benchmarks/results/TAG_umap.png."""
+    the UMAP of the first CCL run's code (F and G) in FOLDER/TAG_umap.png (beside the JSON)."""
     from evals.codes import reference_rows, umap_codes
     from evals.features import open_run
 
@@ -112,9 +112,9 @@ def references(rows: list[dict], args: argparse.Namespace) -> dict:
            for r in reference_rows(first, dim=dim)}
     ccl = [r for r in rows if r["method"] == "ccl"]
     if ccl:
-        png = ROOT / f"benchmarks/results/{args.tag}_umap.png"
+        png = folder / f"{args.tag}_umap.png"
         umap = umap_codes(open_run(ROOT / ccl[0]["run"]), png)
-        out["umap"] = {"png": str(png.relative_to(ROOT)), "run": ccl[0]["run"],
+        out["umap"] = {"png": str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png), "run": ccl[0]["run"],
                        **{k: v for k, v in umap.items() if isinstance(v, (int, float, str))}}
     return out
 
@@ -215,10 +215,10 @@ def main() -> None:
     result = {"recipe": args.recipe, "tag": args.tag, "seeds": args.seeds, "rows": rows, "summary": summarise(rows),
               "total_wall_seconds": round(time.perf_counter() - started, 1),
               "command": "nice -n 10 python benchmarks/ae_mnist.py " + " ".join(sys.argv[1:])}
-    if args.probe:
-        result["references"] = references(rows, args)
     json_path = ROOT / (args.json or f"benchmarks/results/{args.tag}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.probe:
+        result["references"] = references(rows, args, json_path.parent)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     write_doc(ROOT / args.doc, markdown(result), args.tag)
     print(json.dumps(result["summary"]["ratios"]), f"total {result['total_wall_seconds']:.0f} s", flush=True)

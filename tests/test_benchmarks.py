@@ -244,3 +244,27 @@ def test_parallel_model_costs_and_periods():
                                                                                f0 + up + t[1] + down))
         assert step_time(layers, blocks, p, clip="network") >= step_time(layers, blocks, p, clip="layer") - 1e-12
         assert step_time(layers, blocks, p, clip="layer") < one
+
+
+def test_autoencoder_benchmark_probes_codes_beside_pca_and_pixels_and_reuses_runs(tmp_path):
+    """benchmarks/ae_mnist.py on any AE recipe (the bundled ae_digits here): both methods train,
+    each code is probed beside PCA of the same width and the raw pixels, the CCL code is drawn by
+    UMAP beside the JSON, and --reuse collects the finished runs instead of training them again."""
+    args = ["benchmarks/ae_mnist.py", "--recipe", "ae_digits", "--tag", "ae_smoke", "--seeds", "0",
+            "--variants", "ccl", "bp", "--epochs", "1", "--runs", str(tmp_path / "runs"),
+            "--json", str(tmp_path / "ae_smoke.json"), "--doc", str(tmp_path / "results_ae.md"), "--probe"]
+    run_script(tmp_path, *args, timeout=300)
+    first = json.loads((tmp_path / "ae_smoke.json").read_text())
+    assert [r["variant"] for r in first["rows"]] == ["ccl", "bp"] and not any(r["reused"] for r in first["rows"])
+    dim = first["rows"][0]["probes"]["forward"]["dim"]
+    assert set(first["rows"][0]["probes"]) == {"forward", "feedback"} and set(first["rows"][1]["probes"]) == {"forward"}
+    refs = first["references"]
+    assert refs["PCA of pixels"]["dim"] == dim and refs["raw pixels"]["dim"] == 64
+    assert all(0.1 <= refs[k]["linear_probe"] <= 1 for k in ("PCA of pixels", "raw pixels"))
+    assert (tmp_path / "ae_smoke_umap.png").stat().st_size > 0
+    doc = (tmp_path / "results_ae.md").read_text()
+    assert "| PCA of pixels |" in doc and "`ae_digits`" in doc
+    run_script(tmp_path, *[a for a in args if a != "--probe"], "--reuse")
+    again = json.loads((tmp_path / "ae_smoke.json").read_text())
+    assert all(r["reused"] for r in again["rows"])
+    assert [r["test_mse"] for r in again["rows"]] == [r["test_mse"] for r in first["rows"]]
