@@ -75,7 +75,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
            **{k: s[k] for k in ("test_mse", "best_val_mse", "best_epoch", "epochs", "train_seconds", "num_train")},
            "val_mse": [m["val/mse"] for m in metrics]}
     if args.probe:
-        row["probes"] = probe_codes(ROOT / out, method)
+        row["probes"] = probe_codes(ROOT / out, method, reuse=reused)
     print(json.dumps({k: v for k, v in row.items() if k != "val_mse"}), flush=True)
     return row
 
@@ -90,14 +90,20 @@ def reusable(summary: Path, method: str, seed: int, args: argparse.Namespace) ->
         args.epochs is None or s.get("epochs") == args.epochs)
 
 
-def probe_codes(run_dir: Path, method: str) -> dict:
-    """Linear probe and kNN (evals defaults) of F's bottleneck and, for CCL, G's middle layer."""
+def probe_codes(run_dir: Path, method: str, *, reuse: bool = False) -> dict:
+    """Linear probe and kNN (evals defaults) of F's bottleneck and, for CCL, G's middle layer,
+    kept in the run folder (code_probes.json) and read back when the run itself is reused."""
     from evals.codes import code_rows
     from evals.features import open_run
 
-    return {r["network"]: {"layer": r["layer"], "dim": r["dim"], "linear_probe": r["linear_probe"], "knn": r["knn"],
-                           "seconds": r["seconds"]}
-            for r in code_rows(open_run(run_dir), method)}
+    cache = run_dir / "code_probes.json"
+    if reuse and cache.exists():
+        return json.loads(cache.read_text())
+    out = {r["network"]: {"layer": r["layer"], "dim": r["dim"], "linear_probe": r["linear_probe"], "knn": r["knn"],
+                          "seconds": r["seconds"]}
+           for r in code_rows(open_run(run_dir), method)}
+    cache.write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 def references(rows: list[dict], args: argparse.Namespace, folder: Path) -> dict:
@@ -108,8 +114,13 @@ def references(rows: list[dict], args: argparse.Namespace, folder: Path) -> dict
 
     first = open_run(ROOT / rows[0]["run"])
     dim = next(iter(rows[0]["probes"].values()))["dim"]
-    out = {r["representation"]: {k: r[k] for k in ("dim", "linear_probe", "knn", "seconds")}
-           for r in reference_rows(first, dim=dim)}
+    cache = ROOT / rows[0]["run"] / f"reference_probes_{dim}.json"  # the run's data, PCA to the code's width
+    if args.reuse and rows[0]["reused"] and cache.exists():
+        out = json.loads(cache.read_text())
+    else:
+        out = {r["representation"]: {k: r[k] for k in ("dim", "linear_probe", "knn", "seconds")}
+               for r in reference_rows(first, dim=dim)}
+        cache.write_text(json.dumps(out, indent=2) + "\n")
     ccl = [r for r in rows if r["method"] == "ccl"]
     if ccl:
         png = folder / f"{args.tag}_umap.png"

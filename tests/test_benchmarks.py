@@ -264,7 +264,10 @@ def test_autoencoder_benchmark_probes_codes_beside_pca_and_pixels_and_reuses_run
     assert (tmp_path / "ae_smoke_umap.png").stat().st_size > 0
     doc = (tmp_path / "results_ae.md").read_text()
     assert "| PCA of pixels |" in doc and "`ae_digits`" in doc
-    run_script(tmp_path, *[a for a in args if a != "--probe"], "--reuse")
+    assert all((tmp_path / "runs" / f"ae_smoke-{v}-s0" / "code_probes.json").exists() for v in ("ccl", "bp"))
+    run_script(tmp_path, *args, "--reuse")  # the runs and their probes are collected, not recomputed
     again = json.loads((tmp_path / "ae_smoke.json").read_text())
     assert all(r["reused"] for r in again["rows"])
-    assert [r["test_mse"] for r in again["rows"]] == [r["test_mse"] for r in first["rows"]]
+    assert [(r["test_mse"], r["probes"]) for r in again["rows"]] == [(r["test_mse"], r["probes"]) for r in first["rows"]]
+    assert {k: v for k, v in again["references"].items() if k != "umap"} == \
+           {k: v for k, v in refs.items() if k != "umap"}
