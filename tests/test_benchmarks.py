@@ -271,3 +271,20 @@ def test_autoencoder_benchmark_probes_codes_beside_pca_and_pixels_and_reuses_run
     assert [(r["test_mse"], r["probes"]) for r in again["rows"]] == [(r["test_mse"], r["probes"]) for r in first["rows"]]
     assert {k: v for k, v in again["references"].items() if k != "umap"} == \
            {k: v for k, v in refs.items() if k != "umap"}
+
+
+def test_collect_curves_names_each_runs_overrides_and_keeps_its_curve(tmp_path):
+    from ccl_repr.cli import main
+
+    run, threads = tmp_path / "run", torch.get_num_threads()
+    try:
+        assert main(["train", "mlp_digits", "--epochs", "2", "--no-progress", "--out", str(run),
+                     "--set", "optim.forward.lr=0.123", "--set", "train.num_threads=1"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # train() applies train.num_threads to this process
+    run_script(tmp_path, "benchmarks/collect_curves.py", str(run), "--out", str(tmp_path / "curves.json"))
+    (r,) = json.loads((tmp_path / "curves.json").read_text())["runs"]
+    assert r["status"] == "completed" and r["epochs_done"] == 2 and r["recipe"] == "mlp_digits"
+    assert r["overrides"]["optim.forward.lr"] == 0.123 and "optim.feedback.lr" not in r["overrides"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert r["val"]["val/accuracy"] == [row["val/accuracy"] for row in rows]

@@ -1,0 +1,63 @@
+"""Collect the per-epoch validation curves of run folders, finished or not, into one JSON.
+
+For runs that a benchmark cannot collect (stopped early on purpose, or trained by hand with
+``ccl-repr train``): each folder's status, the config values that differ from its recipe, its
+validation metrics per epoch (``val/*``) and its training seconds, so a curve quoted in docs/
+keeps its source.
+
+    python benchmarks/collect_curves.py RUN_DIR [RUN_DIR ...] --out benchmarks/results/NAME.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ccl_repr import checkpoint as ckpt
+from ccl_repr.config import make_config
+
+
+def differences(done: dict, base: dict, prefix: str = "") -> dict:
+    """The dotted keys whose value in ``done`` differs from ``base``."""
+    out = {}
+    for key, value in done.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out.update(differences(value, base[key], dotted + "."))
+        elif base.get(key) != value:
+            out[dotted] = value
+    return out
+
+
+def curve(run: Path) -> dict:
+    cfg = json.loads((run / "config.json").read_text())
+    recipe = make_config(cfg["recipe"], method=cfg["method"])
+    rows = ckpt.read_jsonl(run / ckpt.METRICS)
+    summary = ckpt.read_json(run / ckpt.SUMMARY) if (run / ckpt.SUMMARY).exists() else {}
+    return {"run": str(run), "recipe": cfg["recipe"], "method": cfg["method"], "seed": cfg["seed"],
+            "status": summary.get("status", "running"), "epochs_done": len(rows),
+            "train_seconds": summary.get("train_seconds"),
+            "overrides": differences(cfg, recipe.to_dict()),
+            "val": {k: [r[k] for r in rows] for k in sorted({k for r in rows for k in r if k.startswith("val/")})}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args()
+    missing = [str(r) for r in args.runs if not (r / ckpt.METRICS).exists()]
+    if missing:
+        raise SystemExit(f"no metrics.jsonl in {', '.join(missing)}: give run folders")
+    result = {"command": "python benchmarks/collect_curves.py " + " ".join(sys.argv[1:]),
+              "runs": [curve(r) for r in args.runs]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for r in result["runs"]:
+        print(r["run"], r["status"], r["overrides"], [round(v, 5) for v in r["val"].get("val/mse", [])])
+
+
+if __name__ == "__main__":
+    main()
