@@ -76,6 +76,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
            "val_mse": [m["val/mse"] for m in metrics]}
     if args.probe:
         row["probes"] = probe_codes(ROOT / out, method, reuse=reused)
+        row["reconstructions"] = reconstruction_grid(ROOT / out, method, args, variant)
     print(json.dumps({k: v for k, v in row.items() if k != "val_mse"}), flush=True)
     return row
 
@@ -104,6 +105,23 @@ def probe_codes(run_dir: Path, method: str, *, reuse: bool = False) -> dict:
            for r in code_rows(open_run(run_dir), method)}
     cache.write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def reconstruction_grid(run_dir: Path, method: str, args: argparse.Namespace, variant: str) -> str:
+    """The run's reconstruction grid (test images spread over the classes, F's x̂ and for CCL G's
+    b_0) written beside the JSON as TAG-VARIANT-reconstructions.png."""
+    from ccl_repr.plots import save_ae_grid
+    from evals.features import open_run
+
+    run = open_run(run_dir)
+    png = json_path(args).parent / f"{args.tag}-{variant}-reconstructions.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    save_ae_grid(run.model, run.data, png, method=method, title=f"{args.recipe}, {variant}: test images (best epoch)")
+    return str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png)
+
+
+def json_path(args: argparse.Namespace) -> Path:
+    return ROOT / (args.json or f"benchmarks/results/{args.tag}.json")
 
 
 def references(rows: list[dict], args: argparse.Namespace, folder: Path) -> dict:
@@ -226,11 +244,11 @@ def main() -> None:
     result = {"recipe": args.recipe, "tag": args.tag, "seeds": args.seeds, "rows": rows, "summary": summarise(rows),
               "total_wall_seconds": round(time.perf_counter() - started, 1),
               "command": "nice -n 10 python benchmarks/ae_mnist.py " + " ".join(sys.argv[1:])}
-    json_path = ROOT / (args.json or f"benchmarks/results/{args.tag}.json")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    out = json_path(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.probe:
-        result["references"] = references(rows, args, json_path.parent)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+        result["references"] = references(rows, args, out.parent)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     write_doc(ROOT / args.doc, markdown(result), args.tag)
     print(json.dumps(result["summary"]["ratios"]), f"total {result['total_wall_seconds']:.0f} s", flush=True)
 

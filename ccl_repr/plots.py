@@ -127,9 +127,19 @@ def write_ae_figures(out_dir: Path | str, model: DualNetwork, bundle: DataBundle
                      n_images: int = 16) -> list[str]:
     """The autoencoder picture of a run folder: test targets with their reconstructions (the
     training curves of every run: :func:`write_training_curves`). Returns the written file names."""
-    out = Path(out_dir)
     label = f"{method} {model.name} on {bundle.name}"
-    rows = reconstruction_rows(model, bundle.test.x[:n_images], denormalize=bundle.denormalize,
+    path = save_ae_grid(model, bundle, Path(out_dir) / RECONSTRUCTIONS, method=method,
+                        title=f"{label}: test images", n_images=n_images)
+    return [path.name]
+
+
+def save_ae_grid(model: DualNetwork, bundle: DataBundle, path: Path | str, *, method: str, title: str,
+                 n_images: int = 16) -> Path:
+    """Test images with F's reconstructions (and, for CCL, G's b_0), the images spread evenly over
+    the test split: an image folder's test split is sorted by class, so its first images would
+    all be one class."""
+    n = len(bundle.test.x)
+    picks = torch.linspace(0, n - 1, min(n_images, n)).round().long()
+    rows = reconstruction_rows(model, bundle.test.x[picks], denormalize=bundle.denormalize,
                                with_feedback=method == "ccl")
-    written = [save_reconstruction_grid(rows, out / RECONSTRUCTIONS, title=f"{label}: test images")]
-    return [p.name for p in written]
+    return save_reconstruction_grid(rows, path, title=title)

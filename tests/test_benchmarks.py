@@ -262,6 +262,7 @@ def test_autoencoder_benchmark_probes_codes_beside_pca_and_pixels_and_reuses_run
     assert refs["PCA of pixels"]["dim"] == dim and refs["raw pixels"]["dim"] == 64
     assert all(0.1 <= refs[k]["linear_probe"] <= 1 for k in ("PCA of pixels", "raw pixels"))
     assert (tmp_path / "ae_smoke_umap.png").stat().st_size > 0
+    assert all((tmp_path / f"ae_smoke-{v}-reconstructions.png").stat().st_size > 0 for v in ("ccl", "bp"))
     doc = (tmp_path / "results_ae.md").read_text()
     assert "| PCA of pixels |" in doc and "`ae_digits`" in doc
     assert all((tmp_path / "runs" / f"ae_smoke-{v}-s0" / "code_probes.json").exists() for v in ("ccl", "bp"))
