@@ -143,8 +143,8 @@ def references(rows: list[dict], args: argparse.Namespace, folder: Path) -> dict
     if ccl:
         png = folder / f"{args.tag}_umap.png"
         umap = umap_codes(open_run(ROOT / ccl[0]["run"]), png)
-        out["umap"] = {"png": str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png), "run": ccl[0]["run"],
-                       **{k: v for k, v in umap.items() if isinstance(v, (int, float, str))}}
+        out["umap"] = {**{k: v for k, v in umap.items() if isinstance(v, (int, float, str))},
+                       "png": str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png), "run": ccl[0]["run"]}
     return out
 
 

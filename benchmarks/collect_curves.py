@@ -37,7 +37,7 @@ def curve(run: Path) -> dict:
     rows = ckpt.read_jsonl(run / ckpt.METRICS)
     summary = ckpt.read_json(run / ckpt.SUMMARY) if (run / ckpt.SUMMARY).exists() else {}
     return {"run": str(run), "recipe": cfg["recipe"], "method": cfg["method"], "seed": cfg["seed"],
-            "status": summary.get("status", "running"), "epochs_done": len(rows),
+            "status": summary.get("status", "no summary (running, or killed)"), "epochs_done": len(rows),
             "train_seconds": summary.get("train_seconds"),
             "overrides": differences(cfg, recipe.to_dict()),
             "val": {k: [r[k] for r in rows] for k in sorted({k for r in rows for k in r if k.startswith("val/")})}}

@@ -41,7 +41,7 @@ class UMAPConfig:
     metric: str = "cosine"
     seed: int = 0
     max_points: int = 10000
-    max_feedback_points: int = 2000  # per-sample feedback features (autoencoders): the first ones
+    max_feedback_points: int = 2000  # per-sample feedback features (autoencoders), spread evenly over them
     n_epochs: int | None = 200  # umap-learn's large-data default (it uses 500 up to 10k points); None: its choice
 
     def __post_init__(self) -> None:
@@ -107,6 +107,12 @@ def exact_knn(x: np.ndarray, k: int, metric: str, *, chunk_size: int = 2048) -> 
     return torch.cat(idx).numpy(), torch.cat(dist).numpy().astype(np.float32)
 
 
+def _spread(n: int, k: int) -> np.ndarray:
+    """At most k of n row indices, evenly spaced: a test split sorted by class (an image folder)
+    keeps every class, where its first k rows might all be one class."""
+    return np.arange(n) if n <= k else np.linspace(0, n - 1, k).round().astype(np.int64)
+
+
 def umap_plot(feats, labels, out_png: Path | str, *, feedback_feats=None, feedback_labels=None,
               feedback_kind: str = "prototypes", title: str = "", class_names=None,
               config: UMAPConfig = UMAPConfig()) -> dict:
@@ -115,11 +121,15 @@ def umap_plot(feats, labels, out_png: Path | str, *, feedback_feats=None, feedba
     ``class_names`` (label order) name the classes in the legend and the coordinates files;
     default: the label numbers."""
     t0 = time.perf_counter()
-    x, y = _np(feats)[: config.max_points], np.asarray(labels)[: config.max_points].astype(np.int64)
+    x = _np(feats)
+    keep = _spread(len(x), config.max_points)
+    x, y = x[keep], np.asarray(labels)[keep].astype(np.int64)
     parts, part_y = [x], [y]
     if feedback_feats is not None:
-        fb = _np(feedback_feats)[: config.max_feedback_points]
-        fb_y = np.asarray(feedback_labels)[: len(fb)] if feedback_labels is not None else np.arange(len(fb))
+        fb = _np(feedback_feats)
+        keep = _spread(len(fb), config.max_feedback_points)
+        fb_y = np.asarray(feedback_labels)[keep] if feedback_labels is not None else keep
+        fb = fb[keep]
         if fb.shape[1] != x.shape[1]:
             raise EvalError(f"feedback features have {fb.shape[1]} dims, forward features {x.shape[1]}; "
                             f"take both from the same layer index")
