@@ -75,8 +75,11 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
            **{k: s[k] for k in ("test_mse", "best_val_mse", "best_epoch", "epochs", "train_seconds", "num_train")},
            "val_mse": [m["val/mse"] for m in metrics]}
     if args.probe:
-        row["probes"] = probe_codes(ROOT / out, method, reuse=reused)
-        row["reconstructions"] = reconstruction_grid(ROOT / out, method, args, variant)
+        from evals.features import open_run
+
+        run = open_run(ROOT / out)  # once per row: the probes and the grid read the same model and data
+        row["probes"] = probe_codes(run, method, reuse=reused)
+        row["reconstructions"] = reconstruction_grid(run, method, args, variant)
     print(json.dumps({k: v for k, v in row.items() if k != "val_mse"}), flush=True)
     return row
 
@@ -91,29 +94,26 @@ def reusable(summary: Path, method: str, seed: int, args: argparse.Namespace) ->
         args.epochs is None or s.get("epochs") == args.epochs)
 
 
-def probe_codes(run_dir: Path, method: str, *, reuse: bool = False) -> dict:
+def probe_codes(run, method: str, *, reuse: bool = False) -> dict:
     """Linear probe and kNN (evals defaults) of F's bottleneck and, for CCL, G's middle layer,
     kept in the run folder (code_probes.json) and read back when the run itself is reused."""
     from evals.codes import code_rows
-    from evals.features import open_run
 
-    cache = run_dir / "code_probes.json"
+    cache = run.run_dir / "code_probes.json"
     if reuse and cache.exists():
         return json.loads(cache.read_text())
     out = {r["network"]: {"layer": r["layer"], "dim": r["dim"], "linear_probe": r["linear_probe"], "knn": r["knn"],
                           "seconds": r["seconds"]}
-           for r in code_rows(open_run(run_dir), method)}
+           for r in code_rows(run, method)}
     cache.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
-def reconstruction_grid(run_dir: Path, method: str, args: argparse.Namespace, variant: str) -> str:
+def reconstruction_grid(run, method: str, args: argparse.Namespace, variant: str) -> str:
     """The run's reconstruction grid (test images spread over the classes, F's x̂ and for CCL G's
     b_0) written beside the JSON as TAG-VARIANT-reconstructions.png."""
     from ccl_repr.plots import save_ae_grid
-    from evals.features import open_run
 
-    run = open_run(run_dir)
     png = json_path(args).parent / f"{args.tag}-{variant}-reconstructions.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     save_ae_grid(run.model, run.data, png, method=method, title=f"{args.recipe}, {variant}: test images (best epoch)")

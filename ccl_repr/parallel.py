@@ -97,43 +97,34 @@ UP, DOWN = 0, 1  # message tags: feedback values b down; activations a up (micro
 
 
 def check_config(cfg: Config, *, hooks: Sequence = ()) -> None:
-    """Refuse what model-parallel CCL does not run, before any data loads."""
+    """Refuse what model-parallel CCL does not run, before any data loads: the layer pipeline
+    (``train.parallel=layers``) or the F/G split (``networks``, :mod:`ccl_repr.parallel_networks`)."""
     t = cfg.train
     if t.parallel == "none":
         if t.micro_batches > 1:
             raise ConfigError("train.micro_batches applies to train.parallel=layers; set it to 1 or run the pipeline")
         return
-    if t.parallel == "networks":
-        return _check_networks(cfg, hooks)
-    problem = (
+    layers = t.parallel == "layers"
+    launch = ("it needs torchrun with 2 or more processes (torchrun --nproc_per_node=2 -m ccl_repr.cli train ...)"
+              if layers and env_world_size() < 2 else
+              "it needs torchrun with 2 processes, F's and G's (torchrun --nproc_per_node=2 -m ccl_repr.cli train ...)"
+              if not layers and env_world_size() != 2 else None)
+    common = (
+        f"it trains CCL only, not {cfg.method}; use --method ccl" if cfg.method != "ccl" else
+        "diagnostics hooks would call the rule outside the parallel step: drop the diagnostics options" if hooks else
+        "the layer-wise step is single-process: set train.layerwise=false" if t.layerwise else
+        "the compiled step is single-process: set train.compile=false" if t.compile else None)
+    own = (
         "micro-batches split the anti-collapse term, which couples the batch's samples: set train.micro_batches=1"
         if t.micro_batches > 1 and cfg.loss.form == "normalized" and cfg.loss.anti_collapse > 0 else
-        "diagnostics hooks would call the rule outside the pipeline: drop the diagnostics options" if hooks else
-        "it needs torchrun with 2 or more processes (torchrun --nproc_per_node=2 -m ccl_repr.cli train ...)"
-        if env_world_size() < 2 else
-        f"it trains CCL only, not {cfg.method}; use --method ccl" if cfg.method != "ccl" else
         "G's signal arrives one hop per step: add --set train.feedback_delay=1" if t.feedback_delay != 1 else
-        "flooding needs the top rank's logits on every rank: set loss.flooding=0" if cfg.loss.flooding > 0 else
-        "the layer-wise step is single-process: set train.layerwise=false" if t.layerwise else
-        "the compiled step is single-process: set train.compile=false" if t.compile else None)
-    if problem:
-        raise ConfigError(f"train.parallel=layers: {problem}")
-
-
-def _check_networks(cfg: Config, hooks: Sequence) -> None:
-    """The F/G split (:mod:`ccl_repr.parallel_networks`): two ranks, CCL, this step's values."""
-    t = cfg.train
-    problem = (
-        "it needs torchrun with 2 processes, F's and G's (torchrun --nproc_per_node=2 -m ccl_repr.cli train ...)"
-        if env_world_size() != 2 else
-        f"it trains CCL only, not {cfg.method}; use --method ccl" if cfg.method != "ccl" else
+        "flooding needs the top rank's logits on every rank: set loss.flooding=0" if cfg.loss.flooding > 0 else None
+    ) if layers else (
         "F and G exchange this step's values, no delay: set train.feedback_delay=0" if t.feedback_delay else
-        "micro-batches apply to train.parallel=layers: set train.micro_batches=1" if t.micro_batches > 1 else
-        "diagnostics hooks would call the rule outside the split: drop the diagnostics options" if hooks else
-        "the layer-wise step is single-process: set train.layerwise=false" if t.layerwise else
-        "the compiled step is single-process: set train.compile=false" if t.compile else None)
+        "micro-batches apply to train.parallel=layers: set train.micro_batches=1" if t.micro_batches > 1 else None)
+    problem = launch or common or own
     if problem:
-        raise ConfigError(f"train.parallel=networks: {problem}")
+        raise ConfigError(f"train.parallel={t.parallel}: {problem}")
 
 
 def split_points(model: DualNetwork) -> list[int]:

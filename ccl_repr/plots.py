@@ -133,13 +133,18 @@ def write_ae_figures(out_dir: Path | str, model: DualNetwork, bundle: DataBundle
     return [path.name]
 
 
+def spread_indices(n: int, k: int) -> Tensor:
+    """At most k of n row indices, evenly spaced: a split sorted by class (an image folder) keeps
+    every class, where its first k rows might all be one class."""
+    return torch.arange(n) if n <= k else torch.linspace(0, n - 1, k).round().long()
+
+
 def save_ae_grid(model: DualNetwork, bundle: DataBundle, path: Path | str, *, method: str, title: str,
                  n_images: int = 16) -> Path:
     """Test images with F's reconstructions (and, for CCL, G's b_0), the images spread evenly over
     the test split: an image folder's test split is sorted by class, so its first images would
     all be one class."""
-    n = len(bundle.test.x)
-    picks = torch.linspace(0, n - 1, min(n_images, n)).round().long()
+    picks = spread_indices(len(bundle.test.x), n_images)
     rows = reconstruction_rows(model, bundle.test.x[picks], denormalize=bundle.denormalize,
                                with_feedback=method == "ccl")
     return save_reconstruction_grid(rows, path, title=title)

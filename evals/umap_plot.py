@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ccl_repr import checkpoint as ckpt
+from ccl_repr.plots import spread_indices
 
 from . import EvalError
 
@@ -107,12 +108,6 @@ def exact_knn(x: np.ndarray, k: int, metric: str, *, chunk_size: int = 2048) -> 
     return torch.cat(idx).numpy(), torch.cat(dist).numpy().astype(np.float32)
 
 
-def _spread(n: int, k: int) -> np.ndarray:
-    """At most k of n row indices, evenly spaced: a test split sorted by class (an image folder)
-    keeps every class, where its first k rows might all be one class."""
-    return np.arange(n) if n <= k else np.linspace(0, n - 1, k).round().astype(np.int64)
-
-
 def umap_plot(feats, labels, out_png: Path | str, *, feedback_feats=None, feedback_labels=None,
               feedback_kind: str = "prototypes", title: str = "", class_names=None,
               config: UMAPConfig = UMAPConfig()) -> dict:
@@ -122,12 +117,12 @@ def umap_plot(feats, labels, out_png: Path | str, *, feedback_feats=None, feedba
     default: the label numbers."""
     t0 = time.perf_counter()
     x = _np(feats)
-    keep = _spread(len(x), config.max_points)
+    keep = spread_indices(len(x), config.max_points).numpy()
     x, y = x[keep], np.asarray(labels)[keep].astype(np.int64)
     parts, part_y = [x], [y]
     if feedback_feats is not None:
         fb = _np(feedback_feats)
-        keep = _spread(len(fb), config.max_feedback_points)
+        keep = spread_indices(len(fb), config.max_feedback_points).numpy()
         fb_y = np.asarray(feedback_labels)[keep] if feedback_labels is not None else keep
         fb = fb[keep]
         if fb.shape[1] != x.shape[1]:
