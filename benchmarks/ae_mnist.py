@@ -60,7 +60,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
            "--out", str(out), "--overwrite", "--no-progress", "--set", "train.num_threads=1"]
     cli += [f"--set={s}" for s in sets + args.sets] + (["--epochs", str(args.epochs)] if args.epochs else [])
     summary = ROOT / out / "summary.json"
-    t0, reused = time.perf_counter(), args.reuse and reusable(summary, method, seed, args)
+    t0, reused = time.perf_counter(), args.reuse and reusable(summary, method, seed, sets + args.sets, args)
     if not reused:
         proc = subprocess.run([sys.executable, "-m", "ccl_repr.cli", *cli], capture_output=True, text=True,
                               cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -84,14 +84,37 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
     return row
 
 
-def reusable(summary: Path, method: str, seed: int, args: argparse.Namespace) -> bool:
-    """A finished run of the same recipe, method, seed and epochs (--reuse collects it; its wall
-    time is then the run's own train_seconds)."""
-    if not summary.exists():
+# settings that do not change what a run computes: where the data is, how the run reports, threads
+NOT_COMPARED = {"device", "data.root", "data.download", "data.cache_dir", "train.num_threads", "train.progress",
+                "train.tensorboard", "train.checkpoint_every"}
+
+
+def reusable(summary: Path, method: str, seed: int, sets: list[str], args: argparse.Namespace) -> bool:
+    """A finished run whose resolved config (config.json) is the one this command would train:
+    same recipe, method, seed, epochs and every setting of its recipe and --set, so a run of an
+    older recipe is never collected as this one (--reuse; its wall time is then the run's own
+    train_seconds). A setting the run's config lacks (added to the toolkit after the run) counts
+    as its default, which keeps the behaviour it had then."""
+    from ccl_repr.config import Config, deep_merge, make_config
+
+    saved = summary.parent / "config.json"
+    if not (summary.exists() and saved.exists()):
         return False
-    s = json.loads(summary.read_text())
-    return (s.get("recipe"), s.get("method"), s.get("seed")) == (args.recipe, method, seed) and (
-        args.epochs is None or s.get("epochs") == args.epochs)
+    over = {"seed": seed, **({"train": {"epochs": args.epochs}} if args.epochs else {})}
+    want = make_config(args.recipe, method=method, overrides=over, sets=sets).to_dict()
+    have = deep_merge(Config().to_dict(), json.loads(saved.read_text()))
+    return flatten(want) == flatten(have)
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif key not in NOT_COMPARED:
+            out[key] = v
+    return out
 
 
 def probe_codes(run, method: str, *, reuse: bool = False) -> dict:

@@ -39,6 +39,7 @@ def curve(run: Path) -> dict:
     return {"run": str(run), "recipe": cfg["recipe"], "method": cfg["method"], "seed": cfg["seed"],
             "status": summary.get("status", "no summary (running, or killed)"), "epochs_done": len(rows),
             "train_seconds": summary.get("train_seconds"),
+            **{k: v for k, v in summary.items() if k.startswith("test_") or k == "best_epoch"},
             "overrides": differences(cfg, recipe.to_dict()),
             "val": {k: [r[k] for r in rows] for k in sorted({k for r in rows for k in r if k.startswith("val/")})}}
 
@@ -56,7 +57,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for r in result["runs"]:
-        print(r["run"], r["status"], r["overrides"], [round(v, 5) for v in r["val"].get("val/mse", [])])
+        test = {k: round(v, 5) for k, v in r.items() if k.startswith("test_")}
+        print(r["run"], r["status"], r["overrides"], test, [round(v, 5) for v in r["val"].get("val/mse", [])])
 
 
 if __name__ == "__main__":

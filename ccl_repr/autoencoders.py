@@ -45,12 +45,12 @@ class DualLinearToImage(DualLinear):
         super().__init__(in_shape=in_shape, out_features=math.prod(image_shape), **options)
         self.out_shape = tuple(image_shape)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, keep_graph: bool = False) -> Tensor:
         c, h, w = self.out_shape
-        return rearrange(super().forward(x), "b (c h w) -> b c h w", c=c, h=h, w=w)
+        return rearrange(super().forward(x, keep_graph=keep_graph), "b (c h w) -> b c h w", c=c, h=h, w=w)
 
-    def feedback(self, y: Tensor) -> Tensor:
-        return super().feedback(rearrange(y, "b c h w -> b (c h w)"))
+    def feedback(self, y: Tensor, *, keep_graph: bool = False) -> Tensor:
+        return super().feedback(rearrange(y, "b c h w -> b (c h w)"), keep_graph=keep_graph)
 
 
 def published_init_(layers: list[DualLayer], *, n_encoder: int, keep_normed: bool = False) -> None:

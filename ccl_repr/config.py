@@ -90,6 +90,11 @@ class LossConfig:
                         doc="AE pairs: plain MSE, or the published H-weighted MSE + spatially normalised MSE")
     ae_anti_collapse: float = _opt(0.0, lo=0.0, doc="AE inner pairs: weight of the anti-collapse term on each "
                                                     "side's batch-centred code; 0 = off")
+    ae_layer_recon: float = _opt(0.0, lo=0.0, doc="AE: weight of each layer's local reconstruction term "
+                                                  "V_l(U_l(sg(a_l))) vs sg(a_l), training U_l and V_l; 0 = off")
+    ae_layer_recon_sides: str = _opt("forward", choices=("forward", "both"),
+                                     doc="forward: the term on F's values only; both: also U_l(V_l(sg(b_{l+1}))) "
+                                         "vs sg(b_{l+1}) on G's values")
 
 
 @dataclass

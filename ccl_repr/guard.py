@@ -210,13 +210,15 @@ def _term_name(term: str) -> str:
     """A loss term in words: which layer's loss it is."""
     if term.startswith("pair/"):
         return f"the pair loss of layer {term[len('pair/'):]} ({term})"
+    if term.startswith(("recon/", "recon_g/")):
+        return f"the local reconstruction term of layer {term.split('/', 1)[1]} ({term})"
     return {"ce": "the output layer's cross-entropy (ce)", "mse": "the reconstruction MSE (mse)"}.get(term, term)
 
 
 def _explosion_message(exploded: list[tuple[str, float, float, str]], step: int, epoch: int, last_good: str) -> str:
     term, value, limit, why = exploded[0]
     others = f" (also {', '.join(t for t, *_ in exploded[1:])})" if len(exploded) > 1 else ""
-    nets = ["forward", "feedback"] if term.startswith("pair/") else ["forward"]
+    nets = ["forward", "feedback"] if term.startswith(("pair/", "recon/", "recon_g/")) else ["forward"]
     knob = why.split("=")[0]
     return (f"training diverged by step {step} (epoch {epoch}): {_term_name(term)} is {value:.4g}, above "
             f"{limit:.4g} ({why}){others}; lower {' or '.join(f'optim.{n}.lr' for n in nets)}, raise "

@@ -81,11 +81,13 @@ class DualLayer(nn.Module):
     def _sg(self, x: Tensor) -> Tensor:
         return x.detach() if self.detach else x
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fwd(self._sg(x))
+    def forward(self, x: Tensor, *, keep_graph: bool = False) -> Tensor:
+        return self.fwd(x if keep_graph else self._sg(x))
 
-    def feedback(self, y: Tensor) -> Tensor:
-        return self.fbk(self._sg(y))
+    def feedback(self, y: Tensor, *, keep_graph: bool = False) -> Tensor:
+        """V_l on sg(y); ``keep_graph=True`` lets the gradient through to y (the local
+        reconstruction terms V_l(U_l(a_l)) and U_l(V_l(b_{l+1})), each of which trains both)."""
+        return self.fbk(y if keep_graph else self._sg(y))
 
     def projections(self) -> tuple[nn.Module, nn.Module]:
         """(U_l, V_l) as modules, e.g. for weight-alignment diagnostics."""
@@ -116,13 +118,13 @@ class DualLinear(DualLayer):
                         image=False, act=act_feedback, norm=norm_feedback, norm_affine=norm_affine)
         self.init_weights(init)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, keep_graph: bool = False) -> Tensor:
         if len(self.in_shape) == 3:
             x = rearrange(x, "b c h w -> b (c h w)")
-        return super().forward(x)
+        return super().forward(x, keep_graph=keep_graph)
 
-    def feedback(self, y: Tensor) -> Tensor:
-        out = super().feedback(y)
+    def feedback(self, y: Tensor, *, keep_graph: bool = False) -> Tensor:
+        out = super().feedback(y, keep_graph=keep_graph)
         if len(self.in_shape) == 3:
             c, h, w = self.in_shape
             out = rearrange(out, "b (c h w) -> b c h w", c=c, h=h, w=w)
@@ -182,10 +184,10 @@ class DualFlatten(DualLayer):
         super().__init__(in_shape=in_shape, out_shape=(math.prod(in_shape),))
         self.detach = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, keep_graph: bool = False) -> Tensor:
         return rearrange(x, "b c h w -> b (c h w)")
 
-    def feedback(self, y: Tensor) -> Tensor:
+    def feedback(self, y: Tensor, *, keep_graph: bool = False) -> Tensor:
         c, h, w = self.in_shape
         return rearrange(y, "b (c h w) -> b c h w", c=c, h=h, w=w)
 

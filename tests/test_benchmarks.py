@@ -5,6 +5,7 @@ scripts it calls are run here on CPU with the same code paths (every model famil
 step modes, the real train() loop on MNIST files), only smaller. Results go to a temporary
 folder through CCL_REPR_BENCH_RESULTS, never into benchmarks/results.
 """
+import argparse
 import json
 import os
 import subprocess
@@ -272,6 +273,11 @@ def test_autoencoder_benchmark_probes_codes_beside_pca_and_pixels_and_reuses_run
     assert [(r["test_mse"], r["probes"]) for r in again["rows"]] == [(r["test_mse"], r["probes"]) for r in first["rows"]]
     assert {k: v for k, v in again["references"].items() if k != "umap"} == \
            {k: v for k, v in refs.items() if k != "umap"}
+    from benchmarks.ae_mnist import reusable  # --reuse compares the run's resolved config, not its name
+    ns, summary = argparse.Namespace(recipe="ae_digits", epochs=1), tmp_path / "runs" / "ae_smoke-ccl-s0" / "summary.json"
+    assert reusable(summary, "ccl", 0, [], ns)
+    assert not reusable(summary, "ccl", 0, ["loss.ae_layer_recon=1"], ns) and not reusable(summary, "ccl", 1, [], ns)
+    assert not reusable(summary, "ccl", 0, [], argparse.Namespace(recipe="ae_digits", epochs=2))
 
 
 def test_collect_curves_names_each_runs_overrides_and_keeps_its_curve(tmp_path):
@@ -286,6 +292,7 @@ def test_collect_curves_names_each_runs_overrides_and_keeps_its_curve(tmp_path):
     run_script(tmp_path, "benchmarks/collect_curves.py", str(run), "--out", str(tmp_path / "curves.json"))
     (r,) = json.loads((tmp_path / "curves.json").read_text())["runs"]
     assert r["status"] == "completed" and r["epochs_done"] == 2 and r["recipe"] == "mlp_digits"
+    assert 0 < r["test_accuracy"] <= 1 and r["best_epoch"] in (1, 2)
     assert r["overrides"]["optim.forward.lr"] == 0.123 and "optim.feedback.lr" not in r["overrides"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert r["val"]["val/accuracy"] == [row["val/accuracy"] for row in rows]

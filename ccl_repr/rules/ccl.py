@@ -8,13 +8,16 @@ activations are freed layer by layer and peak memory stays flat in depth.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import Config, LossConfig
 from ..errors import CheckpointError, ConfigError, ShapeError
+from ..layers import DualLayer
 from ..losses import ae_pair_loss, classification_pair_loss, flooding_mask, match_matrix
 from ..network import DualNetwork
 from ..registry import RULES
@@ -118,6 +121,10 @@ class CCL(LearningRule):
                 out[f"pair/{model.layer_names[l]}"] = ae_pair_loss(a[l], b[l], form=cfg.ae_form,
                                                                    inner=0 < l < last,
                                                                    anti_collapse=cfg.ae_anti_collapse)
+            if cfg.ae_layer_recon > 0:
+                for i in range(last):
+                    out.update(self._reconstruction_terms(model, i, a[i], a[i + 1]))
+                    out.update(self._reconstruction_terms(model, i, b[i + 1], b[i], "feedback"))
             return out
         assert model.num_classes is not None
         logits = a[-1]
@@ -128,6 +135,19 @@ class CCL(LearningRule):
         # The output layer U_L is trained by the task loss on a_L; its input is detached too.
         out["ce"] = F.cross_entropy(logits, y)
         return out
+
+    def _reconstruction_terms(self, model: DualNetwork, i: int, x_in: Tensor, x_out: Tensor,
+                              network: str = "forward") -> dict[str, Tensor]:
+        """Layer i's local reconstruction term (``loss.ae_layer_recon``): ``recon/NAME`` on F's
+        values a_i -> a_{i+1}, or ``recon_g/NAME`` on G's values b_{i+1} -> b_i (with
+        ``ae_layer_recon_sides=both``). ``x_out`` carries the layer's graph."""
+        cfg, layer = self.cfg, model.layers[i]
+        if not layer.has_params or (network == "feedback" and cfg.ae_layer_recon_sides != "both"):
+            return {}
+        key = f"{'recon' if network == 'forward' else 'recon_g'}/{model.layer_names[i + 1]}"
+        outer = i == (0 if network == "forward" else len(model.layers) - 1)  # the image side
+        return {key: cfg.ae_layer_recon * layer_reconstruction(layer, x_in, x_out, form=cfg.ae_form, outer=outer,
+                                                               network=network)}
 
     def _class_pair(self, a: Tensor, b: Tensor, y_match: Tensor, mask: Tensor | None) -> Tensor:
         cfg = self.cfg
@@ -178,29 +198,73 @@ class CCL(LearningRule):
                     mask = flooding_mask(model(x), y, cfg.flooding)
         out: dict[str, Tensor] = {}
 
-        def apply(key: str, loss: Tensor) -> None:
-            if loss.requires_grad:
-                loss.backward()
-            out[key] = loss.detach()
+        def apply(terms: dict[str, Tensor]) -> None:
+            # one backward per boundary: its pair term and the layer's reconstruction term share a's graph
+            total = sum(t for t in terms.values() if t.requires_grad)
+            if isinstance(total, Tensor):
+                total.backward()
+            out.update({k: t.detach() for k, t in terms.items()})
 
         a = x
         for l in range(n + 1):
-            if l > 0:
-                with self.autocast():
-                    a = model.layers[l - 1](a)
-            if l not in pairs:
-                continue
+            terms: dict[str, Tensor] = {}
             with self.autocast():
-                bl = _feedback_with_graph(model, b, l)
-                loss = (ae_pair_loss(a, bl, form=cfg.ae_form, inner=0 < l < n,
-                                     anti_collapse=cfg.ae_anti_collapse) if reconstruct
-                        else self._class_pair(a, bl, y_match, mask))
-            apply(f"pair/{model.layer_names[l]}", loss)
+                if l > 0:
+                    a_in, a = a, model.layers[l - 1](a)
+                    if reconstruct and cfg.ae_layer_recon > 0:  # layer l-1's term on F's values
+                        terms.update(self._reconstruction_terms(model, l - 1, a_in, a))
+                g_term = reconstruct and cfg.ae_layer_recon > 0 and cfg.ae_layer_recon_sides == "both" and l < n
+                if l in pairs or g_term:
+                    bl = _feedback_with_graph(model, b, l)
+                if g_term:  # layer l's term on G's values
+                    terms.update(self._reconstruction_terms(model, l, b[l + 1], bl, "feedback"))
+                if l in pairs:
+                    terms[f"pair/{model.layer_names[l]}"] = (
+                        ae_pair_loss(a, bl, form=cfg.ae_form, inner=0 < l < n, anti_collapse=cfg.ae_anti_collapse)
+                        if reconstruct else self._class_pair(a, bl, y_match, mask))
+            apply(terms)
         if not reconstruct:
             with self.autocast():
                 loss = F.cross_entropy(a, y)
-            apply("ce", loss)
+            apply({"ce": loss})
         return out
+
+
+def layer_reconstruction(layer: DualLayer, a_in: Tensor, a_out: Tensor, *, form: str, outer: bool,
+                         network: str = "forward") -> Tensor:
+    """Layer l's local reconstruction term: V_l(U_l(sg(a_l))) against sg(a_l) (``loss.ae_layer_recon``);
+    with ``network="feedback"`` the mirror, U_l(V_l(sg(b_{l+1}))) against sg(b_{l+1}) on G's values.
+
+    ``a_out`` = U_l(sg(a_l)) with its graph, so the term trains U_l (through V_l) and V_l, and
+    nothing else: it is a one-layer autoencoder on a detached input, as local as a pair loss. Why:
+    in a CCL autoencoder only the outermost pairs have the image as a target; the inner pairs ask
+    F's and G's codes to agree, which a code holding little of the image satisfies as well
+    (docs/results_ae.md). This term asks every U_l to keep what V_l can map back, so each layer
+    is a local autoencoder of the one below, and V_l, which carries G's signal down, is trained
+    on F's own activations as its inverse too. Not in the paper. G's batch norms see F's values
+    here without updating their running statistics (those describe G's own pass)."""
+    back = layer.feedback if network == "forward" else layer.forward
+    with frozen_batch_stats(layer.fbk if network == "forward" else layer.fwd):
+        rebuilt = back(a_out, keep_graph=True)
+    return ae_pair_loss(rebuilt, a_in.detach(), form=form, inner=not outer)
+
+
+@contextmanager
+def frozen_batch_stats(module: nn.Module):
+    """Batch norms in ``module`` normalise with the batch's statistics but leave their running
+    estimates alone (momentum 0 keeps them as they are)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def transposed_feedback_weight(u: Tensor, v: Tensor) -> Tensor:
