@@ -92,9 +92,9 @@ class LossConfig:
                                                     "side's batch-centred code; 0 = off")
     ae_layer_recon: float = _opt(0.0, lo=0.0, doc="AE: weight of each layer's local reconstruction term "
                                                   "V_l(U_l(sg(a_l))) vs sg(a_l), training U_l and V_l; 0 = off")
-    ae_layer_recon_sides: str = _opt("forward", choices=("forward", "both"),
-                                     doc="forward: the term on F's values only; both: also U_l(V_l(sg(b_{l+1}))) "
-                                         "vs sg(b_{l+1}) on G's values")
+    ae_layer_recon_sides: str = _opt("forward", choices=("forward", "feedback", "both"),
+                                     doc="forward: the term on F's values; feedback: its mirror U_l(V_l(sg(b_{l+1}))) "
+                                         "vs sg(b_{l+1}) on G's values; both")
 
 
 @dataclass

@@ -26,7 +26,7 @@ def model_and_batch(name: str, **kw):
 
 
 @pytest.mark.parametrize("name", list(AUTOENCODERS))
-@pytest.mark.parametrize("sides", ["forward", "both"])
+@pytest.mark.parametrize("sides", ["forward", "feedback", "both"])
 def test_each_reconstruction_term_trains_its_own_layer_only(name, sides):
     """Local: the term of layer l reaches U_l and V_l (both), and no other layer's parameters.
     (Default init: the published one starts F's output layer and G's bottom layer at zero.)"""
@@ -37,7 +37,7 @@ def test_each_reconstruction_term_trains_its_own_layer_only(name, sides):
     n = len(model.layers)
     for prefix in ("recon/", "recon_g/"):
         recon = {k: v for k, v in terms.items() if k.startswith(prefix)}
-        assert len(recon) == (n if sides == "both" or prefix == "recon/" else 0)
+        assert len(recon) == (n if sides in ("both", {"recon/": "forward", "recon_g/": "feedback"}[prefix]) else 0)
         assert list(recon) == [f"{prefix}{model.layer_names[i + 1]}" for i in range(len(recon))]
         assert_local(model, recon)
 
@@ -71,7 +71,7 @@ def test_reconstruction_term_leaves_the_feedback_norms_running_statistics_alone(
 
 
 @pytest.mark.parametrize("name", list(AUTOENCODERS))
-@pytest.mark.parametrize("sides", ["forward", "both"])
+@pytest.mark.parametrize("sides", ["forward", "feedback", "both"])
 def test_layerwise_step_equals_summed_step_with_reconstruction_terms(name, sides):
     model, x = model_and_batch(name)
     cfg = LossConfig(ae_form="weighted", ae_layer_recon=0.5, ae_layer_recon_sides=sides)

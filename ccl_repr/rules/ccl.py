@@ -139,10 +139,10 @@ class CCL(LearningRule):
     def _reconstruction_terms(self, model: DualNetwork, i: int, x_in: Tensor, x_out: Tensor,
                               network: str = "forward") -> dict[str, Tensor]:
         """Layer i's local reconstruction term (``loss.ae_layer_recon``): ``recon/NAME`` on F's
-        values a_i -> a_{i+1}, or ``recon_g/NAME`` on G's values b_{i+1} -> b_i (with
-        ``ae_layer_recon_sides=both``). ``x_out`` carries the layer's graph."""
+        values a_i -> a_{i+1}, or ``recon_g/NAME`` on G's values b_{i+1} -> b_i, as
+        ``ae_layer_recon_sides`` asks. ``x_out`` carries the layer's graph."""
         cfg, layer = self.cfg, model.layers[i]
-        if not layer.has_params or (network == "feedback" and cfg.ae_layer_recon_sides != "both"):
+        if not layer.has_params or cfg.ae_layer_recon_sides not in (network, "both"):
             return {}
         key = f"{'recon' if network == 'forward' else 'recon_g'}/{model.layer_names[i + 1]}"
         outer = i == (0 if network == "forward" else len(model.layers) - 1)  # the image side
@@ -211,9 +211,9 @@ class CCL(LearningRule):
             with self.autocast():
                 if l > 0:
                     a_in, a = a, model.layers[l - 1](a)
-                    if reconstruct and cfg.ae_layer_recon > 0:  # layer l-1's term on F's values
+                    if reconstruct and cfg.ae_layer_recon > 0:  # layer l-1's term on F's values, if asked
                         terms.update(self._reconstruction_terms(model, l - 1, a_in, a))
-                g_term = reconstruct and cfg.ae_layer_recon > 0 and cfg.ae_layer_recon_sides == "both" and l < n
+                g_term = reconstruct and cfg.ae_layer_recon > 0 and cfg.ae_layer_recon_sides != "forward" and l < n
                 if l in pairs or g_term:
                     bl = _feedback_with_graph(model, b, l)
                 if g_term:  # layer l's term on G's values
