@@ -42,6 +42,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # benchmarks.reuse, when run as a script
+
+from benchmarks.reuse import same_settings  # noqa: E402
 PAPER_STL10 = {"ccl": (0.0086, 0.0001), "bp": (0.0059, 0.0001)}
 # variant -> (method, extra --set overrides); "bp_tuned" is the same backprop with a larger lr and a
 # grad-norm clip, to show how far the paper's BP settings are from the best BP on this budget.
@@ -84,37 +87,10 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
     return row
 
 
-# settings that do not change what a run computes: where the data is, how the run reports, threads
-NOT_COMPARED = {"device", "data.root", "data.download", "data.cache_dir", "train.num_threads", "train.progress",
-                "train.tensorboard", "train.checkpoint_every"}
-
-
 def reusable(summary: Path, method: str, seed: int, sets: list[str], args: argparse.Namespace) -> bool:
-    """A finished run whose resolved config (config.json) is the one this command would train:
-    same recipe, method, seed, epochs and every setting of its recipe and --set, so a run of an
-    older recipe is never collected as this one (--reuse; its wall time is then the run's own
-    train_seconds). A setting the run's config lacks (added to the toolkit after the run) counts
-    as its default, which keeps the behaviour it had then."""
-    from ccl_repr.config import Config, deep_merge, make_config
-
-    saved = summary.parent / "config.json"
-    if not (summary.exists() and saved.exists()):
-        return False
-    over = {"seed": seed, **({"train": {"epochs": args.epochs}} if args.epochs else {})}
-    want = make_config(args.recipe, method=method, overrides=over, sets=sets).to_dict()
-    have = deep_merge(Config().to_dict(), json.loads(saved.read_text()))
-    return flatten(want) == flatten(have)
-
-
-def flatten(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        elif key not in NOT_COMPARED:
-            out[key] = v
-    return out
+    """A finished run with the settings this command would train (benchmarks/reuse.py); --reuse
+    collects it, and its wall time is then the run's own train_seconds."""
+    return same_settings(summary.parent, args.recipe, method=method, seed=seed, sets=sets, epochs=args.epochs)
 
 
 def probe_codes(run, method: str, *, reuse: bool = False) -> dict:

@@ -17,8 +17,8 @@ from the paper's setting, and the per-epoch validation curves.
 Paths (``--out``, ``--data-root``, ``data.root``) are relative to the repository root: the runs
 start there. ``--methods`` takes any rule name; ``ccl-repr train`` refuses unknown ones (the sweep
 then stops with its message and exit code 2). ``--reuse`` collects a run whose folder already holds
-a completed summary.json of the same rule, seed and (when ``--epochs`` is given) number of epochs,
-so an interrupted sweep continues where it stopped; ``--resume`` continues runs that were
+a completed summary.json of the same settings (its resolved config: rule, seed, epochs, recipe and
+``--set`` values; ``benchmarks/reuse.py``), so an interrupted sweep continues where it stopped; ``--resume`` continues runs that were
 interrupted with a checkpoint (``ccl-repr train --resume``).
 """
 
@@ -36,6 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # benchmarks.reuse, when run as a script
+
+from benchmarks.reuse import same_settings  # noqa: E402
 RESULTS = Path(os.environ.get("CCL_REPR_BENCH_RESULTS") or REPO / "benchmarks" / "results")
 CURVE_KEYS = ("val/accuracy", "val/loss", "train/ce", "epoch_seconds")
 
@@ -87,11 +90,10 @@ def read_run(out: Path) -> dict | None:
 
 
 def reusable(done: dict | None, method: str, seed: int, args: argparse.Namespace) -> bool:
-    if done is None:
-        return False
-    s = done["summary"]
-    return (s.get("method"), s.get("seed"), s.get("recipe")) == (method, seed, args.recipe) and (
-        args.epochs is None or s.get("epochs") == args.epochs)
+    """A completed run with the settings this sweep would train: its resolved config compared
+    with the command's (benchmarks/reuse.py), not just its rule, seed and epochs."""
+    return done is not None and same_settings(REPO / train_command(method, seed, args)[1], args.recipe,
+                                              method=method, seed=seed, sets=list(args.set), epochs=args.epochs)
 
 
 def launch(argv: list[str], args: argparse.Namespace) -> float:
