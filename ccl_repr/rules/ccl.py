@@ -241,8 +241,8 @@ def layer_reconstruction(layer: DualLayer, a_in: Tensor, a_out: Tensor, *, form:
     F's and G's codes to agree, which a code holding little of the image satisfies as well
     (docs/results_ae.md). This term asks every U_l to keep what V_l can map back, so each layer
     is a local autoencoder of the one below, and V_l, which carries G's signal down, is trained
-    on F's own activations as its inverse too. Not in the paper. G's batch norms see F's values
-    here without updating their running statistics (those describe G's own pass)."""
+    on F's own activations as its inverse too. Not in the paper. The other network's batch norms
+    see these values without updating their running statistics (those describe its own pass)."""
     back = layer.feedback if network == "forward" else layer.forward
     with frozen_batch_stats(layer.fbk if network == "forward" else layer.fwd):
         rebuilt = back(a_out, keep_graph=True)
