@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmarks.reuse, when run as a script
 
 from benchmarks.reuse import same_settings  # noqa: E402
+
 PAPER_STL10 = {"ccl": (0.0086, 0.0001), "bp": (0.0059, 0.0001)}
 # variant -> (method, extra --set overrides); "bp_tuned" is the same backprop with a larger lr and a
 # grad-norm clip, to show how far the paper's BP settings are from the best BP on this budget.
@@ -63,7 +64,9 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
            "--out", str(out), "--overwrite", "--no-progress", "--set", "train.num_threads=1"]
     cli += [f"--set={s}" for s in sets + args.sets] + (["--epochs", str(args.epochs)] if args.epochs else [])
     summary = ROOT / out / "summary.json"
-    t0, reused = time.perf_counter(), args.reuse and reusable(summary, method, seed, sets + args.sets, args)
+    # --reuse collects a finished run with this command's settings; its wall time is then its train_seconds
+    t0, reused = time.perf_counter(), args.reuse and same_settings(ROOT / out, args.recipe, method=method, seed=seed,
+                                                                   sets=sets + args.sets, epochs=args.epochs)
     if not reused:
         proc = subprocess.run([sys.executable, "-m", "ccl_repr.cli", *cli], capture_output=True, text=True,
                               cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -85,12 +88,6 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
         row["reconstructions"] = reconstruction_grid(run, method, args, variant)
     print(json.dumps({k: v for k, v in row.items() if k != "val_mse"}), flush=True)
     return row
-
-
-def reusable(summary: Path, method: str, seed: int, sets: list[str], args: argparse.Namespace) -> bool:
-    """A finished run with the settings this command would train (benchmarks/reuse.py); --reuse
-    collects it, and its wall time is then the run's own train_seconds."""
-    return same_settings(summary.parent, args.recipe, method=method, seed=seed, sets=sets, epochs=args.epochs)
 
 
 def probe_codes(run, method: str, *, reuse: bool = False) -> dict:

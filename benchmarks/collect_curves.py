@@ -18,17 +18,9 @@ from pathlib import Path
 from ccl_repr import checkpoint as ckpt
 from ccl_repr.config import make_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.reuse, when run as a script
 
-def differences(done: dict, base: dict, prefix: str = "") -> dict:
-    """The dotted keys whose value in ``done`` differs from ``base``."""
-    out = {}
-    for key, value in done.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            out.update(differences(value, base[key], dotted + "."))
-        elif base.get(key) != value:
-            out[dotted] = value
-    return out
+from benchmarks.reuse import differences  # noqa: E402
 
 
 def curve(run: Path) -> dict:

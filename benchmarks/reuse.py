@@ -27,15 +27,16 @@ def same_settings(run: Path, recipe: str, *, method: str, seed: int, sets: list[
     over = {"seed": seed, **({"train": {"epochs": epochs}} if epochs else {})}
     want = make_config(recipe, method=method, overrides=over, sets=sets).to_dict()
     have = deep_merge(Config().to_dict(), json.loads((run / "config.json").read_text()))
-    return _flatten(want) == _flatten(have)
+    return set(differences(have, want)) <= NOT_COMPARED
 
 
-def _flatten(cfg: dict, prefix: str = "") -> dict:
+def differences(done: dict, base: dict, prefix: str = "") -> dict:
+    """The dotted keys whose value in ``done`` differs from ``base``."""
     out = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        elif key not in NOT_COMPARED:
-            out[key] = v
+    for key, value in done.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out.update(differences(value, base[key], dotted + "."))
+        elif base.get(key) != value:
+            out[dotted] = value
     return out

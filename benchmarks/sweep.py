@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # benchmarks.reuse, when run as a script
 
 from benchmarks.reuse import same_settings  # noqa: E402
+
 RESULTS = Path(os.environ.get("CCL_REPR_BENCH_RESULTS") or REPO / "benchmarks" / "results")
 CURVE_KEYS = ("val/accuracy", "val/loss", "train/ce", "epoch_seconds")
 
@@ -89,13 +90,6 @@ def read_run(out: Path) -> dict | None:
     return {"summary": s, "curve": {k: [r.get(k) for r in rows] for k in ("epoch", *CURVE_KEYS)}}
 
 
-def reusable(done: dict | None, method: str, seed: int, args: argparse.Namespace) -> bool:
-    """A completed run with the settings this sweep would train: its resolved config compared
-    with the command's (benchmarks/reuse.py), not just its rule, seed and epochs."""
-    return done is not None and same_settings(REPO / train_command(method, seed, args)[1], args.recipe,
-                                              method=method, seed=seed, sets=list(args.set), epochs=args.epochs)
-
-
 def launch(argv: list[str], args: argparse.Namespace) -> float:
     """Run ``ccl-repr ARGV`` from the repository root; its wall time, or RunFailed."""
     t0 = time.perf_counter()
@@ -112,10 +106,13 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict | None:
     """Train (or collect) one run; its row for the results JSON (None: --collect and not completed)."""
     cmd, out = train_command(method, seed, args)
     done = read_run(out) if args.reuse or args.resume or args.collect else None
-    if args.collect and not reusable(done, method, seed, args):
+    # a completed run with this sweep's settings: its resolved config, not just rule, seed and epochs
+    reusable = done is not None and same_settings(REPO / out, args.recipe, method=method, seed=seed,
+                                                  sets=list(args.set), epochs=args.epochs)
+    if args.collect and not reusable:
         return None
     wall, resumed = None, False
-    if not reusable(done, method, seed, args) or not args.reuse:
+    if not reusable or not args.reuse:
         resumed = args.resume and done is None and (REPO / out / "checkpoint.pt").exists()
         wall = launch(["train", "--resume", str(out), "--no-progress"] if resumed else cmd, args)
         print(f"{method} seed {seed}: {wall:.0f} s{' (resumed)' if resumed else ''}", file=sys.stderr)

@@ -5,7 +5,6 @@ scripts it calls are run here on CPU with the same code paths (every model famil
 step modes, the real train() loop on MNIST files), only smaller. Results go to a temporary
 folder through CCL_REPR_BENCH_RESULTS, never into benchmarks/results.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -273,11 +272,15 @@ def test_autoencoder_benchmark_probes_codes_beside_pca_and_pixels_and_reuses_run
     assert [(r["test_mse"], r["probes"]) for r in again["rows"]] == [(r["test_mse"], r["probes"]) for r in first["rows"]]
     assert {k: v for k, v in again["references"].items() if k != "umap"} == \
            {k: v for k, v in refs.items() if k != "umap"}
-    from benchmarks.ae_mnist import reusable  # --reuse compares the run's resolved config, not its name
-    ns, summary = argparse.Namespace(recipe="ae_digits", epochs=1), tmp_path / "runs" / "ae_smoke-ccl-s0" / "summary.json"
-    assert reusable(summary, "ccl", 0, [], ns)
-    assert not reusable(summary, "ccl", 0, ["loss.ae_layer_recon=1"], ns) and not reusable(summary, "ccl", 1, [], ns)
-    assert not reusable(summary, "ccl", 0, [], argparse.Namespace(recipe="ae_digits", epochs=2))
+    from benchmarks.reuse import same_settings  # --reuse compares the run's resolved config, not its name
+    run = tmp_path / "runs" / "ae_smoke-ccl-s0"
+
+    def reusable(seed=0, sets=(), epochs=1):
+        return same_settings(run, "ae_digits", method="ccl", seed=seed, sets=list(sets), epochs=epochs)
+
+    assert reusable()
+    assert not reusable(sets=["loss.ae_layer_recon=1"]) and not reusable(seed=1)
+    assert not reusable(epochs=2)
 
 
 def test_collect_curves_names_each_runs_overrides_and_keeps_its_curve(tmp_path):
