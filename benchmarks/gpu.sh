@@ -31,7 +31,7 @@ if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; th
   step "parallel CCL: epoch time, BP vs CCL vs 2 ranks (one GPU each)"
   timeout 240 python benchmarks/parallel_ccl.py --device cuda --epochs 2 --repeats 1 --tag _cuda || echo "!! failed or timed out (exit $?); continuing"
   step "parallel CCL: the F/G split of ae_mnist (F on one GPU, G on the other) vs BP and CCL"
-  timeout 150 python benchmarks/parallel_ccl.py --device cuda --recipe ae_mnist --parallel networks --set loss.ae_layer_recon=0 --epochs 2 --repeats 1 --tag _ae_mnist_fg_cuda || echo "!! failed or timed out (exit $?); continuing"
+  timeout 150 python benchmarks/parallel_ccl.py --device cuda --recipe ae_mnist --parallel networks --epochs 2 --repeats 1 --tag _ae_mnist_fg_cuda || echo "!! failed or timed out (exit $?); continuing"
 fi
 step "done"
 ls -l benchmarks/results/*_cuda.json

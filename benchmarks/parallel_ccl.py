@@ -8,8 +8,7 @@ repeat (so that whatever else loads the machine loads all of them alike):
 - ``parallel_ccl``: ``torchrun --nproc_per_node=2`` with ``train.parallel=layers`` and
   ``train.feedback_delay=1``, 2 ranks x 1 thread (ccl_repr.parallel; the same total cores); with
   ``--parallel networks`` the F/G split instead (``train.parallel=networks``, no delay:
-  ccl_repr.parallel_networks), e.g. ``--recipe ae_mnist --parallel networks --set loss.ae_layer_recon=0`` (the split
-  refuses the local reconstruction term, whose U_l and V_l would sit on different ranks).
+  ccl_repr.parallel_networks), e.g. ``--recipe ae_mnist --parallel networks``.
 
 The time of an epoch is ``epoch_seconds`` from the run's metrics.jsonl (the optimiser steps with
 batching and bookkeeping; validation and checkpoints excluded; rank 0's clock for the pipeline).

@@ -113,10 +113,10 @@ def check_config(cfg: Config, *, hooks: Sequence = ()) -> None:
         f"it trains CCL only, not {cfg.method}; use --method ccl" if cfg.method != "ccl" else
         "diagnostics hooks would call the rule outside the parallel step: drop the diagnostics options" if hooks else
         "the layer-wise step is single-process: set train.layerwise=false" if t.layerwise else
-        "the compiled step is single-process: set train.compile=false" if t.compile else
-        "the local reconstruction term trains U_l through V_l, which live on different ranks: set "
-        "loss.ae_layer_recon=0" if cfg.loss.ae_layer_recon > 0 else None)
+        "the compiled step is single-process: set train.compile=false" if t.compile else None)
     own = (
+        "the local reconstruction term trains U_l through V_l, which the pipeline does not exchange: set "
+        "loss.ae_layer_recon=0 (the F/G split, train.parallel=networks, runs it)" if cfg.loss.ae_layer_recon > 0 else
         "micro-batches split the anti-collapse term, which couples the batch's samples: set train.micro_batches=1"
         if t.micro_batches > 1 and cfg.loss.form == "normalized" and cfg.loss.anti_collapse > 0 else
         "G's signal arrives one hop per step: add --set train.feedback_delay=1" if t.feedback_delay != 1 else

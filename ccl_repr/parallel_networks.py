@@ -16,9 +16,15 @@ F's pass a_0..a_L needs nothing from G, and G's pass b_L..b_0 nothing from F. Pe
    side's values as constants and backpropagates them. A term's gradient with respect to a does
    not depend on whether b carries a graph, and every parameter belongs to one network, so each
    rank gets exactly the gradients of its network in the single-process step;
-4. each clips and steps its own network. The clip norm is per network, so no rank waits for the
-   other's gradients: there is no collective in the step, and no delay either. Both ranks run
-   the same schedule (rank 0 keeps G's learning rate in step for the metrics rows).
+4. the autoencoders' local reconstruction terms (``loss.ae_layer_recon``) apply one network's
+   layer to the other's values: V_l(a_{l+1}) against a_l, the mirror U_l(b_l) against b_{l+1}.
+   Each is computed on the rank that holds that layer, with the received value as a leaf, and
+   its gradient with respect to that value goes back to the rank that computed the value: one
+   more message each way, so with these terms each rank waits for the other's before stepping.
+   The gradient reaches U_l through a_{l+1} (and V_l through b_l) as in one process;
+5. each clips and steps its own network. The clip norm is per network, so there is no
+   collective in the step, and no delay either. Both ranks run the same schedule (rank 0 keeps
+   G's learning rate in step for the metrics rows).
 
 So a 2-rank run computes what single-process CCL computes, with G's fresh values
 (``train.feedback_delay=0``, the paper's method), bit for bit on CPU (tests/test_parallel.py).
@@ -124,9 +130,47 @@ class NetworkStage(LearningRule):
             else:
                 b = self.rule.feedback_values(model, x, y)
                 a = [x, *self._exchange(model, b[:-1], rows["a"], range(1, n + 1))]
-            out = self.rule.terms(model, a, b, y)
-        torch.autograd.backward([v for v in out.values() if v.requires_grad])
-        return {k: v.detach() for k, v in out.items()}
+            out = self.rule.terms(model, a, b, y, recon=False)
+            cross, leaves = self._cross_terms(model, a, b)
+        if cross:
+            torch.autograd.backward(list(cross.values()))
+        own = self._own_reconstructed(model, a, b)
+        grads = self._exchange_grads([leaf.grad for leaf in leaves], [v.shape for v in own])
+        roots = [v for v in out.values() if v.requires_grad]
+        torch.autograd.backward([*roots, *own], [None] * len(roots) + [g.to(v.dtype) for g, v in zip(grads, own)])
+        return {k: v.detach() for k, v in {**out, **cross}.items()}
+
+    def _cross_terms(self, model: DualNetwork, a: list[Tensor], b: list[Tensor]) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """The local reconstruction terms (``loss.ae_layer_recon``) that apply this rank's layers to
+        the other network's values: on rank 1, V_i(a_{i+1}) against a_i (``recon/NAME``); on rank 0,
+        U_i(b_i) against b_{i+1} (``recon_g/NAME``). Each received value enters as a leaf, whose
+        gradient goes back to the rank that computed it (:meth:`_exchange_grads`)."""
+        rule, terms, leaves = self.rule, {}, []
+        for i in rule.reconstruction_layers(model, NETWORKS[1 - self.rank]):
+            leaf = (a[i + 1] if self.rank else b[i]).detach().requires_grad_()
+            x_in = a[i] if self.rank else b[i + 1]
+            terms.update(rule.reconstruction_terms(model, i, x_in, leaf, NETWORKS[1 - self.rank]))
+            leaves.append(leaf)
+        return terms, leaves
+
+    def _own_reconstructed(self, model: DualNetwork, a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+        """This rank's values (with their graphs) that the other rank's reconstruction terms read."""
+        layers = self.rule.reconstruction_layers(model, NETWORKS[self.rank])
+        return [a[i + 1] for i in layers] if self.rank == 0 else [b[i] for i in layers]
+
+    def _exchange_grads(self, mine: list[Tensor], shapes: list[torch.Size]) -> list[Tensor]:
+        """Send the gradients of the terms computed here with respect to the other rank's values,
+        and receive those of the other rank's terms with respect to this rank's: the one message
+        each way the reconstruction terms add to a step (none without them)."""
+        peer, ops = 1 - self.rank, []
+        buf = torch.empty(sum(math.prod(s) for s in shapes), device=self.device)
+        if mine:
+            ops.append(dist.P2POp(dist.isend, _pack(mine), peer))
+        if shapes:
+            ops.append(dist.P2POp(dist.irecv, buf, peer))
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
+        return [part.view(s) for part, s in zip(buf.split([math.prod(s) for s in shapes]), shapes)]
 
     def _exchange(self, model: DualNetwork, mine: list[Tensor], rows: int, indices: range) -> list[Tensor]:
         """Send this rank's values and receive the other's (boundaries ``indices``, ``rows`` each),

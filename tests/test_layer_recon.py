@@ -78,9 +78,9 @@ def test_layerwise_step_equals_summed_step_with_reconstruction_terms(name, sides
     assert_same(*summed_and_layerwise_grads(model, cfg, x, torch.zeros(8, dtype=torch.long)))
 
 
-def test_reconstruction_term_is_zero_for_an_exact_inverse_and_refused_by_the_fg_split(monkeypatch):
-    """A layer whose V_l inverts U_l exactly scores 0; the F/G split, whose ranks each hold one
-    of U_l and V_l, refuses the term with one line."""
+def test_reconstruction_term_is_zero_for_an_exact_inverse_and_refused_by_the_layer_pipeline(monkeypatch):
+    """A layer whose V_l inverts U_l exactly scores 0; the layer pipeline refuses the term with one
+    line, the F/G split (which exchanges its gradients) takes it."""
     from ccl_repr.layers import DualLinear
     layer = DualLinear(in_shape=(4,), out_features=4, act_forward=None, act_feedback=None)
     with torch.no_grad():
@@ -89,6 +89,7 @@ def test_reconstruction_term_is_zero_for_an_exact_inverse_and_refused_by_the_fg_
     x = torch.randn(16, 4)
     assert layer_reconstruction(layer, x, layer(x), form="mse", outer=False) < 1e-10
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = make_config("ae_mnist", method="ccl", sets=["train.parallel=networks", "loss.ae_layer_recon=1"])
+    check_config(make_config("ae_mnist", method="ccl", sets=["train.parallel=networks", "loss.ae_layer_recon=1"]))
+    cfg = make_config("ae_mnist", method="ccl", sets=["train.parallel=layers", "loss.ae_layer_recon=1"])
     with pytest.raises(ConfigError, match="loss.ae_layer_recon=0"):
         check_config(cfg)

@@ -162,6 +162,8 @@ def test_two_rank_pipeline_equals_one_process_with_the_same_delay(tmp_path):
 # batch norms, and a classifier whose G runs on per-sample targets and whose flooding mask needs F's
 # logits on G's rank.
 FG_CASES = {"ae_conv": ("ae_digits", ["model.name=ae_conv", "model.widths=[4,8]"]),
+            "ae_conv_recon": ("ae_digits", ["model.name=ae_conv", "model.widths=[4,8]", "loss.ae_layer_recon=1",
+                                            "loss.ae_layer_recon_sides=both"]),
             "samples_flooding": ("mlp_digits", ["loss.targets=samples", "loss.flooding=0.1"])}
 FG_SETS = [s for s in SETS if not s.startswith("train.feedback_delay")]
 

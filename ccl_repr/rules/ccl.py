@@ -108,11 +108,14 @@ class CCL(LearningRule):
     def losses(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         return self.terms(model, model.forward_intermediates(x), self.feedback_values(model, x, y), y)
 
-    def terms(self, model: DualNetwork, a: list[Tensor], b: list[Tensor], y: Tensor) -> dict[str, Tensor]:
-        """The step's loss terms from F's values a_0..a_L and G's b_0..b_L. Each term's gradient
-        with respect to a is the same whether b carries a graph or not (and the other way round),
-        so F and G may be given their own copies with the other side detached
-        (:mod:`ccl_repr.parallel_networks`)."""
+    def terms(self, model: DualNetwork, a: list[Tensor], b: list[Tensor], y: Tensor, *,
+              recon: bool = True) -> dict[str, Tensor]:
+        """The step's loss terms from F's values a_0..a_L and G's b_0..b_L. Each pair term's
+        gradient with respect to a is the same whether b carries a graph or not (and the other way
+        round), so F and G may be given their own copies with the other side detached
+        (:mod:`ccl_repr.parallel_networks`). ``recon=False`` leaves out the local reconstruction
+        terms, which apply one network's layer to the other's values (the F/G split computes them
+        on the rank that holds that layer)."""
         cfg = self.cfg
         out: dict[str, Tensor] = {}
         if model.task == "reconstruct":
@@ -121,10 +124,10 @@ class CCL(LearningRule):
                 out[f"pair/{model.layer_names[l]}"] = ae_pair_loss(a[l], b[l], form=cfg.ae_form,
                                                                    inner=0 < l < last,
                                                                    anti_collapse=cfg.ae_anti_collapse)
-            if cfg.ae_layer_recon > 0:
+            if recon and cfg.ae_layer_recon > 0:
                 for i in range(last):
-                    out.update(self._reconstruction_terms(model, i, a[i], a[i + 1]))
-                    out.update(self._reconstruction_terms(model, i, b[i + 1], b[i], "feedback"))
+                    out.update(self.reconstruction_terms(model, i, a[i], a[i + 1]))
+                    out.update(self.reconstruction_terms(model, i, b[i + 1], b[i], "feedback"))
             return out
         assert model.num_classes is not None
         logits = a[-1]
@@ -136,18 +139,25 @@ class CCL(LearningRule):
         out["ce"] = F.cross_entropy(logits, y)
         return out
 
-    def _reconstruction_terms(self, model: DualNetwork, i: int, x_in: Tensor, x_out: Tensor,
-                              network: str = "forward") -> dict[str, Tensor]:
+    def reconstruction_terms(self, model: DualNetwork, i: int, x_in: Tensor, x_out: Tensor,
+                             network: str = "forward") -> dict[str, Tensor]:
         """Layer i's local reconstruction term (``loss.ae_layer_recon``): ``recon/NAME`` on F's
         values a_i -> a_{i+1}, or ``recon_g/NAME`` on G's values b_{i+1} -> b_i, as
         ``ae_layer_recon_sides`` asks. ``x_out`` carries the layer's graph."""
         cfg, layer = self.cfg, model.layers[i]
-        if not layer.has_params or cfg.ae_layer_recon_sides not in (network, "both"):
+        if i not in self.reconstruction_layers(model, network):
             return {}
         key = f"{'recon' if network == 'forward' else 'recon_g'}/{model.layer_names[i + 1]}"
         outer = i == (0 if network == "forward" else len(model.layers) - 1)  # the image side
         return {key: cfg.ae_layer_recon * layer_reconstruction(layer, x_in, x_out, form=cfg.ae_form, outer=outer,
                                                                network=network)}
+
+    def reconstruction_layers(self, model: DualNetwork, network: str) -> list[int]:
+        """The layers i whose reconstruction term on ``network``'s values the config asks for."""
+        cfg = self.cfg
+        if model.task != "reconstruct" or cfg.ae_layer_recon <= 0 or cfg.ae_layer_recon_sides not in (network, "both"):
+            return []
+        return [i for i, layer in enumerate(model.layers) if layer.has_params]
 
     def _class_pair(self, a: Tensor, b: Tensor, y_match: Tensor, mask: Tensor | None) -> Tensor:
         cfg = self.cfg
@@ -212,12 +222,12 @@ class CCL(LearningRule):
                 if l > 0:
                     a_in, a = a, model.layers[l - 1](a)
                     if reconstruct and cfg.ae_layer_recon > 0:  # layer l-1's term on F's values, if asked
-                        terms.update(self._reconstruction_terms(model, l - 1, a_in, a))
+                        terms.update(self.reconstruction_terms(model, l - 1, a_in, a))
                 g_term = reconstruct and cfg.ae_layer_recon > 0 and cfg.ae_layer_recon_sides != "forward" and l < n
                 if l in pairs or g_term:
                     bl = _feedback_with_graph(model, b, l)
                 if g_term:  # layer l's term on G's values
-                    terms.update(self._reconstruction_terms(model, l, b[l + 1], bl, "feedback"))
+                    terms.update(self.reconstruction_terms(model, l, b[l + 1], bl, "feedback"))
                 if l in pairs:
                     terms[f"pair/{model.layer_names[l]}"] = (
                         ae_pair_loss(a, bl, form=cfg.ae_form, inner=0 < l < n, anti_collapse=cfg.ae_anti_collapse)
