@@ -38,6 +38,9 @@ SPACES = {
     "drtp": {"optim.forward.lr": [0.01, 0.03, 0.1, 0.3], "rule.proj_mean": [0.0, 0.05],
              "rule.proj_std": [0.01, 0.03, 0.1, 0.3]},
     "ccl": {"optim.forward.lr": [0.2, 0.5, 1.0, 1.5, 2.0], "optim.forward.clip": [0.5, 1.0]},
+    # FW-DTP is not in the paper's table: BP's upper learning rates, and output steps around the
+    # FW-DTP authors' MNIST example (0.04)
+    "fwdtp": {"optim.forward.lr": [0.4, 0.2, 0.1, 0.05], "rule.target_step": [0.01, 0.04, 0.2]},
 }
 TIED = {"ccl": {"optim.forward.lr": "optim.feedback.lr", "optim.forward.clip": "optim.feedback.clip",
                 "optim.forward.momentum": "optim.feedback.momentum"}}

@@ -99,7 +99,7 @@ class LossConfig:
 
 @dataclass
 class RuleConfig:
-    """The fixed random feedback of the rules that avoid weight transport (FA, DFA, DRTP).
+    """The fixed random feedback of the rules that avoid weight transport (FA, DFA, DRTP, FW-DTP).
 
     Drawn once, when the rule is prepared, from N(proj_mean, proj_std^2) by a generator of its
     own seeded with the run's seed (the model's initialisation and the data order are not
@@ -107,6 +107,8 @@ class RuleConfig:
     proj_mean: float = _opt(0.0, doc="mean of the fixed random feedback matrices (the paper's DRTP search: 0, 0.05)")
     proj_std: float = _opt(0.0, lo=0.0, doc="their standard deviation; 0 = 1/sqrt(fan-in) of each matrix "
                                             "(the paper's DRTP search: 0.01, 0.03, 0.1, 0.3)")
+    target_step: float = _opt(0.04, lo=0.0, doc="FW-DTP: the output target's step along -dCE/dlogits (its beta; "
+                                                 "0.04 is the FW-DTP authors' MNIST example)")
 
 
 @dataclass

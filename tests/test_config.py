@@ -22,7 +22,7 @@ BAD_SETS = [
     ("model.widths=[128", "not valid YAML"),
     ("seed=4294967296", "it must be <= 4294967294"),
     ("optim.forward=3", "optim.forward: expected a mapping"),
-    ("method=sgd", "is not one of bp, ccl, dfa, drtp, fa; see ccl-repr rules"),
+    ("method=sgd", "is not one of bp, ccl, dfa, drtp, fa, fwdtp; see ccl-repr rules"),
     ("optim.forward.lr", "expected KEY=VALUE"),
     ("optim..lr=1", "empty key part"),
 ]

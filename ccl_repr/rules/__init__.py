@@ -9,12 +9,13 @@ from __future__ import annotations
 from ..config import Config
 from ..registry import RULES
 from .base import LearningRule, summed_backward
-from . import bp, ccl, dfa, drtp, fa  # noqa: F401  (each module registers its rule)
+from . import bp, ccl, dfa, drtp, fa, fwdtp  # noqa: F401  (each module registers its rule)
 from .bp import Backprop
 from .ccl import CCL
 from .dfa import DFA
 from .drtp import DRTP
 from .fa import FeedbackAlignment
+from .fwdtp import FWDTP
 
 
 def make_rule(cfg: Config) -> LearningRule:
@@ -23,4 +24,4 @@ def make_rule(cfg: Config) -> LearningRule:
 
 
 __all__ = ["LearningRule", "RULES", "make_rule", "summed_backward", "CCL", "Backprop", "FeedbackAlignment",
-           "DFA", "DRTP"]
+           "DFA", "DRTP", "FWDTP"]
