@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from ccl_repr.cli import main
 from ccl_repr.config import LossConfig, ModelConfig, RuleConfig, make_config
-from ccl_repr.errors import ConfigError
 from ccl_repr.models import build_model
 from ccl_repr.rules.fwdtp import FWDTP
 from ccl_repr.train import train
@@ -65,7 +64,7 @@ def test_no_output_step_no_update_and_first_order_is_g_jacobian():
     rule = prepared(model, step=beta)
     a = [v.detach() for v in model.forward_intermediates(x)]
     e = a[-1].softmax(1) - F.one_hot(y, C).double()
-    _, jvp = torch.autograd.functional.jvp(lambda h: rule.feedback(2, h), (a[3],), (-beta * e,))
+    _, jvp = torch.autograd.functional.jvp(lambda h: rule.feedback("output", h), (a[3],), (-beta * e,))
     torch.testing.assert_close(rule.targets(a, y)[2] - a[2], jvp, rtol=1e-4, atol=1e-12)
 
 

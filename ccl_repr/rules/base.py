@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import RuleConfig
 from ..errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -96,6 +97,28 @@ class LearningRule:
                                   f"keeps {sorted(own)}; resume with the method the run was trained with")
         for k, v in own.items():
             v.copy_(state[k])
+
+
+class FixedFeedbackRule(LearningRule):
+    """A classifier rule whose feedback is fixed and random (FA, DFA, DRTP, FW-DTP): configured by
+    ``cfg.rule``, seeded from the run's seed (:func:`rule_generator`); its matrices ``B``, drawn in
+    ``setup``, are its checkpointed state. Trains F only."""
+
+    tasks = ("classify",)
+    trains = ("forward",)
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "FixedFeedbackRule":
+        super().from_config(cfg)  # refuses the options that apply to CCL only (train.layerwise, ...)
+        return cls(cfg.loss, rule=cfg.rule, seed=cfg.seed)
+
+    def __init__(self, cfg, *, rule: RuleConfig | None = None, seed: int = 0) -> None:
+        super().__init__(cfg)
+        self.rule, self.seed = rule or RuleConfig(), seed
+        self.B: dict[str, Tensor] = {}  # layer name -> that layer's fixed matrix, drawn in setup()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"B/{k}": v for k, v in self.B.items()}  # live tensors: load_state_dict copies into them
 
 
 def rule_generator(seed: int, *, tag: int) -> torch.Generator:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import Config, LossConfig, RuleConfig
+from ..config import RuleConfig
 from ..network import DualNetwork
 from ..registry import RULES
-from .base import LearningRule, rule_generator
+from .base import FixedFeedbackRule, rule_generator
 
 
 def hidden_indices(model: DualNetwork) -> list[int]:
@@ -56,27 +56,16 @@ def signal_term(a: Tensor, signal: Tensor) -> Tensor:
 
 @RULES.register("dfa", "direct feedback alignment: the output error reaches each hidden layer through a fixed "
                        "random matrix (Nøkland 2016); G unused")
-class DFA(LearningRule):
+class DFA(FixedFeedbackRule):
     """Direct feedback alignment (Nøkland 2016). Output layer: cross-entropy on its logits.
     Hidden layer l: the output error e through its fixed random B_l, gradient e B_l at a_l
     (module docstring). Trains F only; G is unused."""
 
     name = "dfa"
-    tasks = ("classify",)
-    trains = ("forward",)
     detach_inputs = True
 
-    @classmethod
-    def from_config(cls, cfg: Config) -> "DFA":
-        super().from_config(cfg)  # refuses the options that do not apply (train.layerwise)
-        return cls(cfg.loss, rule=cfg.rule, seed=cfg.seed)
-
-    def __init__(self, cfg: LossConfig, *, rule: RuleConfig | None = None, seed: int = 0) -> None:
-        super().__init__(cfg)
-        self.rule, self.seed = rule or RuleConfig(), seed
-        self.B: dict[str, Tensor] = {}  # layer name -> C x d_l, built by setup()
-
     def setup(self, model: DualNetwork) -> None:
+        """B: layer name -> its C x d_l matrix."""
         self.B = {model.layer_names[l]: b for l, b in random_projections(model, self.rule, seed=self.seed).items()}
 
     def hidden_signal(self, logits: Tensor, y: Tensor) -> Tensor:
@@ -95,6 +84,3 @@ class DFA(LearningRule):
             out[f"signal/{name}"] = signal_term(a[l], s.to(b.dtype) @ b)
         out["ce"] = F.cross_entropy(logits, y)  # U_L's own error; its input is detached
         return out
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {f"B/{k}": v for k, v in self.B.items()}  # live tensors: load_state_dict copies into them

@@ -28,33 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config, LossConfig, RuleConfig
 from ..network import DualNetwork
 from ..registry import RULES
-from .base import LearningRule, rule_generator
+from .base import FixedFeedbackRule, rule_generator
 
 
 @RULES.register("fa", "feedback alignment (Lillicrap et al. 2016): BP's error sent down through fixed "
                       "random matrices B_l instead of U_l^T; G unused")
-class FeedbackAlignment(LearningRule):
+class FeedbackAlignment(FixedFeedbackRule):
     """Feedback alignment (Lillicrap et al. 2016). Output layer: its own error, as in BP. Layer l
     below: delta_{l+1} B_{l+1} through its activation derivative, with B_{l+1} a fixed random
     matrix of U_{l+1}'s shape (module docstring). Trains F only; G is unused."""
 
     name = "fa"
-    tasks = ("classify",)
-    trains = ("forward",)
     detach_inputs = False  # the error travels through the layers, as in BP
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> FeedbackAlignment:
-        super().from_config(cfg)  # refuses the options that apply to CCL only (train.layerwise)
-        return cls(cfg.loss, rule=cfg.rule, seed=cfg.seed)
-
-    def __init__(self, cfg: LossConfig, *, rule: RuleConfig | None = None, seed: int = 0) -> None:
-        super().__init__(cfg)
-        self.rule, self.seed = rule or RuleConfig(), seed
-        self.B: dict[str, Tensor] = {}  # layer name -> B_l (U_l's weight shape), drawn in setup()
 
     def setup(self, model: DualNetwork) -> None:
         """Draw every B_l once, on the CPU in float64 by a generator of its own (the global RNG
@@ -84,9 +71,6 @@ class FeedbackAlignment(LearningRule):
         finally:
             for h in handles:
                 h.remove()
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {f"B/{name}": b for name, b in self.B.items()}  # live tensors: loaded in place
 
     def feedback_weights(self, model: DualNetwork) -> dict[str, Tensor]:
         """B_l, which carries the error down in U_l's place, in U_l's layout: FA's alignment is

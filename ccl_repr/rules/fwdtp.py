@@ -29,54 +29,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import Config, LossConfig, RuleConfig
 from ..errors import ConfigError
 from ..layers import DualLinear
 from ..network import DualNetwork
 from ..registry import RULES
-from .base import LearningRule, rule_generator
+from .base import FixedFeedbackRule, rule_generator
 from .dfa import hidden_indices
 
 
 @RULES.register("fwdtp", "fixed-weight difference target propagation (Shibuya et al. 2023): each layer regresses "
                          "a target sent down through fixed random feedback functions; MLP classifiers; G unused")
-class FWDTP(LearningRule):
+class FWDTP(FixedFeedbackRule):
     """Fixed-weight difference target propagation (Shibuya et al. 2023). Output layer: target
     a_L - beta e. Hidden layer l: target a_l + g_l(t_{l+1}) - g_l(a_{l+1}) with g_l(h) =
     tanh(h B_l), B_l fixed and random (module docstring). Trains F only; G is unused."""
 
     name = "fwdtp"
-    tasks = ("classify",)
-    trains = ("forward",)
     detach_inputs = True
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "FWDTP":
-        super().from_config(cfg)  # refuses the options that apply to CCL only
-        return cls(cfg.loss, rule=cfg.rule, seed=cfg.seed)
-
-    def __init__(self, cfg: LossConfig, *, rule: RuleConfig | None = None, seed: int = 0) -> None:
-        super().__init__(cfg)
-        self.rule, self.seed = rule or RuleConfig(), seed
-        self.B: dict[int, Tensor] = {}  # layer index l -> B_l (U_l's shape), drawn in setup()
-        self.names: dict[int, str] = {}
+    chain: tuple[tuple[int, str], ...] = ()  # (l, name) of the layers carrying a target down, set by setup()
 
     def setup(self, model: DualNetwork) -> None:
-        """Check the model is a chain of linear layers and draw every B_l once, on the CPU in
-        float64 by a generator of its own (the global RNG is left alone), N(proj_mean,
-        proj_std^2) with proj_std 0 = 1/sqrt(fan-in of g_l)."""
-        chain = feedback_layers(model)
+        """Check the model is a chain of linear layers and draw every B_l (layer name -> U_l's
+        shape) once, on the CPU in float64 by a generator of its own (the global RNG is left
+        alone), N(proj_mean, proj_std^2) with proj_std 0 = 1/sqrt(fan-in of g_l)."""
+        self.chain = tuple((l, model.layer_names[l + 1]) for l in feedback_layers(model))
         gen = rule_generator(self.seed, tag=0xD7B)
-        self.B, self.names = {}, {}
-        for l in chain:
+        self.B = {}
+        for l, name in self.chain:
             w = model.layers[l].fwd.proj.weight
             std = self.rule.proj_std or w.shape[0] ** -0.5
             b = torch.randn(w.shape, generator=gen, dtype=torch.float64) * std + self.rule.proj_mean
-            self.B[l], self.names[l] = b.to(device=w.device, dtype=w.dtype), model.layer_names[l + 1]
+            self.B[name] = b.to(device=w.device, dtype=w.dtype)
 
-    def feedback(self, l: int, h: Tensor) -> Tensor:
-        """g_l(h) = tanh(h B_l): from layer l's output space down to its input's."""
-        return torch.tanh(h @ self.B[l].to(h.dtype))
+    def feedback(self, name: str, h: Tensor) -> Tensor:
+        """g_l(h) = tanh(h B_l) for layer ``name``: from its output space down to its input's."""
+        return torch.tanh(h @ self.B[name].to(h.dtype))
 
     @torch.no_grad()
     def targets(self, a: list[Tensor], y: Tensor) -> dict[int, Tensor]:
@@ -87,8 +74,8 @@ class FWDTP(LearningRule):
         last = len(a) - 1
         e = a[last].softmax(1) - F.one_hot(y, a[last].shape[1]).to(a[last].dtype)
         t = {last: a[last] - self.rule.target_step * e}
-        for l in sorted(self.B, reverse=True):  # layer l: a_l -> a_{l+1}
-            t[l] = a[l] + (self.feedback(l, t[l + 1]) - self.feedback(l, a[l + 1]))  # exactly a_l when t = a
+        for l, name in reversed(self.chain):  # layer l: a_l -> a_{l+1}
+            t[l] = a[l] + (self.feedback(name, t[l + 1]) - self.feedback(name, a[l + 1]))  # exactly a_l when t = a
         return t
 
     def losses(self, model: DualNetwork, x: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -98,13 +85,10 @@ class FWDTP(LearningRule):
         out["ce"] = F.cross_entropy(a[-1].detach(), y)  # reported only: no gradient
         return out
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {f"B/{self.names[l]}": b for l, b in self.B.items()}  # live tensors: loaded in place
-
     def feedback_weights(self, model: DualNetwork) -> dict[str, Tensor]:
         """B_l in U_l's layout: g_l carries a value down through h B_l where backprop's error
         would go through U_l (grad @ U_l), so cos(U_l, B_l) is FW-DTP's weight alignment."""
-        return {self.names[l]: b for l, b in self.B.items()}
+        return dict(self.B)
 
 
 def feedback_layers(model: DualNetwork) -> list[int]:
