@@ -124,9 +124,10 @@ class CCL(LearningRule):
                 out[f"pair/{model.layer_names[l]}"] = ae_pair_loss(a[l], b[l], form=cfg.ae_form,
                                                                    inner=0 < l < last,
                                                                    anti_collapse=cfg.ae_anti_collapse)
-            if recon and cfg.ae_layer_recon > 0:
-                for i in range(last):
+            if recon:
+                for i in self.reconstruction_layers(model, "forward"):
                     out.update(self.reconstruction_terms(model, i, a[i], a[i + 1]))
+                for i in self.reconstruction_layers(model, "feedback"):
                     out.update(self.reconstruction_terms(model, i, b[i + 1], b[i], "feedback"))
             return out
         assert model.num_classes is not None
@@ -142,11 +143,9 @@ class CCL(LearningRule):
     def reconstruction_terms(self, model: DualNetwork, i: int, x_in: Tensor, x_out: Tensor,
                              network: str = "forward") -> dict[str, Tensor]:
         """Layer i's local reconstruction term (``loss.ae_layer_recon``): ``recon/NAME`` on F's
-        values a_i -> a_{i+1}, or ``recon_g/NAME`` on G's values b_{i+1} -> b_i, as
-        ``ae_layer_recon_sides`` asks. ``x_out`` carries the layer's graph."""
+        values a_i -> a_{i+1}, or ``recon_g/NAME`` on G's values b_{i+1} -> b_i, for a layer of
+        :meth:`reconstruction_layers`. ``x_out`` carries the layer's graph."""
         cfg, layer = self.cfg, model.layers[i]
-        if i not in self.reconstruction_layers(model, network):
-            return {}
         key = f"{'recon' if network == 'forward' else 'recon_g'}/{model.layer_names[i + 1]}"
         outer = i == (0 if network == "forward" else len(model.layers) - 1)  # the image side
         return {key: cfg.ae_layer_recon * layer_reconstruction(layer, x_in, x_out, form=cfg.ae_form, outer=outer,
@@ -196,6 +195,7 @@ class CCL(LearningRule):
         cfg, n = self.cfg, len(model.layers)
         reconstruct = model.task == "reconstruct"
         pairs = set(model.pair_indices(include_output=reconstruct))
+        f_recon, g_recon = (set(self.reconstruction_layers(model, net)) for net in ("forward", "feedback"))
         with torch.no_grad(), self.autocast():
             b = model.feedback_intermediates(model.feedback_input(x, y, targets=cfg.targets))
         model.check_input(x)
@@ -221,9 +221,9 @@ class CCL(LearningRule):
             with self.autocast():
                 if l > 0:
                     a_in, a = a, model.layers[l - 1](a)
-                    if reconstruct and cfg.ae_layer_recon > 0:  # layer l-1's term on F's values, if asked
+                    if l - 1 in f_recon:  # layer l-1's term on F's values, if asked
                         terms.update(self.reconstruction_terms(model, l - 1, a_in, a))
-                g_term = reconstruct and cfg.ae_layer_recon > 0 and cfg.ae_layer_recon_sides != "forward" and l < n
+                g_term = l in g_recon
                 if l in pairs or g_term:
                     bl = _feedback_with_graph(model, b, l)
                 if g_term:  # layer l's term on G's values
