@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))  # benchmarks.reuse, when run as a script
 from benchmarks.reuse import same_settings  # noqa: E402
 
 RESULTS = Path(os.environ.get("CCL_REPR_BENCH_RESULTS") or REPO / "benchmarks" / "results")
-CURVE_KEYS = ("val/accuracy", "val/loss", "train/ce", "epoch_seconds")
+CURVE_KEYS = ("val/accuracy", "val/loss", "train/ce", "epoch_seconds", "test/accuracy")  # test/*: train.test_each_epoch
 
 # Test accuracy (%, mean ± std over 5 seeds, 100 epochs) from Table 1 of Kao & Hariharan,
 # "Counter-Current Learning", NeurIPS 2024, keyed by (this repository's recipe, learning rule).
@@ -191,14 +191,23 @@ def notes(rows: list[dict], methods: list[str], recipe: str, sets: list[str]) ->
     return out
 
 
-def curve_table(rows: list[dict]) -> list[str]:
-    """Validation accuracy (%) after every epoch, one row per run."""
-    n = max(len(r["curve"]["val/accuracy"]) for r in rows)
+def curve_table(rows: list[dict], key: str = "val/accuracy") -> list[str]:
+    """Accuracy (%) after every epoch (validation, or test where the runs logged it), one row per run."""
+    n = max(len(r["curve"].get(key) or []) for r in rows)
     lines = ["| run | " + " | ".join(str(e + 1) for e in range(n)) + " |", "|---" * (n + 1) + "|"]
     for r in rows:
-        accs = r["curve"]["val/accuracy"]
+        accs = r["curve"].get(key) or []
         lines.append(f"| {r['method'].upper()} s{r['seed']} | " + " | ".join(pct(a) for a in accs) + " |")
     return lines
+
+
+def test_curves(rows: list[dict]) -> list[str]:
+    """The per-epoch test accuracy of the runs that logged it (train.test_each_epoch), if any."""
+    logged = [r for r in rows if any(a is not None for a in r["curve"].get("test/accuracy") or [])]
+    if not logged:
+        return []
+    return ["Test accuracy (%) per epoch (`train.test_each_epoch`: logged for the curve only; the tested "
+            "epoch above is still the best validation epoch's):", "", *curve_table(logged, "test/accuracy"), ""]
 
 
 def render(rows: list[dict], args: argparse.Namespace) -> str:
@@ -210,7 +219,7 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
              *(f"- {n}" for n in notes(rows, args.methods, args.recipe, args.set)),
              *([f"- Not run yet (no completed run folder): {', '.join(args.missing)}."] if getattr(args, "missing", None)
                else []), "",
-             "Validation accuracy (%) per epoch:", "", *curve_table(rows), "",
+             "Validation accuracy (%) per epoch:", "", *curve_table(rows), "", *test_curves(rows),
              "Commands:", "", *(f"    {r['command']}" for r in rows)]
     return "\n".join(lines) + "\n"
 

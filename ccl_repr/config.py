@@ -155,6 +155,8 @@ class TrainConfig:
     select: str = _opt("val_accuracy", choices=("val_accuracy", "val_loss"),
                    doc="classifiers: test the epoch of the best validation accuracy or of the lowest "
                        "validation cross-entropy (published code); autoencoders: lowest val MSE either way")
+    test_each_epoch: bool = _opt(False, doc="also evaluate the test split after every epoch (metrics rows test/*) "
+                                            "for learning curves; never used to pick the tested epoch")
     layerwise: bool = _opt(False, doc="CCL only: backpropagate each pair loss as soon as it exists (memory flat in depth)")
     feedback_delay: int = _opt(0, lo=0, hi=1,
                                doc="CCL only: 1 = every feedback layer's input is the value computed one optimiser "

@@ -70,8 +70,8 @@ def _curve_panels(metrics: list[dict]) -> dict[str, list[str]]:
     and validation), the task's quality (accuracy, train if logged and validation; or
     reconstruction MSE), and the learning rate of each network."""
     keys = list(dict.fromkeys(k for row in metrics for k in row))
-    quality = [k for k in keys if k.endswith(("/accuracy", "/mse")) and k.startswith(("train/", "val/"))]
-    losses = [k for k in keys if k.startswith(("train/", "val/")) and k not in quality]
+    quality = [k for k in keys if k.endswith(("/accuracy", "/mse")) and k.startswith(("train/", "val/", "test/"))]
+    losses = [k for k in keys if k.startswith(("train/", "val/", "test/")) and k not in quality]
     return {"loss": losses, "quality": quality, "learning rate": [k for k in keys if k.startswith("lr/")]}
 
 
@@ -80,7 +80,7 @@ def _plot_panel(ax, metrics: list[dict], keys: list[str], *, ylabel: str, log: b
     for key in keys:
         values = [row.get(key, float("nan")) for row in metrics]
         ax.plot(epochs, values, label=key.replace("pair/", "pair "), marker="." if len(epochs) < 30 else None,
-                linestyle="--" if key.startswith("val/") else "-")
+                linestyle={"val/": "--", "test/": ":"}.get(key[:key.find("/") + 1], "-"))
     values = [row[k] for row in metrics for k in keys if isinstance(row.get(k), (int, float))]
     if log and values and min(values) > 0:
         ax.set_yscale("log")
@@ -94,7 +94,8 @@ def _plot_panel(ax, metrics: list[dict], keys: list[str], *, ylabel: str, log: b
 
 def save_training_curves(metrics: list[dict], path: Path, *, title: str = "") -> Path:
     """Three panels per epoch: every loss (train: mean over the epoch, solid; validation:
-    dashed; log scale), accuracy (train if logged, validation) or reconstruction MSE, and each
+    dashed; test, where train.test_each_epoch logged it: dotted; log scale), accuracy (train if
+    logged, validation, test) or reconstruction MSE, and each
     network's learning rate."""
     panels = _curve_panels(metrics)
     quality = panels["quality"]

@@ -280,7 +280,8 @@ def _end_epoch(loop: _Loop, st: TrainingState, epoch: int, train_losses: dict[st
         st.best, st.best_epoch = val, epoch + 1
         st.best_state = {k: v.detach().clone() for k, v in st.model.state_dict().items()}
     row = {"epoch": epoch + 1, "step": st.step, **{f"train/{k}": v for k, v in train_losses.items()},
-           **{f"val/{k}": v for k, v in val.items()}, **{f"lr/{k}": v for k, v in st.optim.lrs().items()},
+           **{f"val/{k}": v for k, v in val.items()}, **_test_curve(loop, st),
+           **{f"lr/{k}": v for k, v in st.optim.lrs().items()},
            "epoch_seconds": seconds, "samples_per_second": len(bundle.train) / seconds}
     st.rows.append(row)
     ckpt.append_jsonl(loop.out / ckpt.METRICS, row)
@@ -294,6 +295,15 @@ def _end_epoch(loop: _Loop, st: TrainingState, epoch: int, train_losses: dict[st
     if halt and not last:
         raise Interrupted(f"interrupted after epoch {epoch + 1} at step {st.step}; checkpoint written, "
                           f"continue with: ccl-repr train --resume {loop.out}", loop.stop.signum or 2)
+
+
+def _test_curve(loop: _Loop, st: TrainingState) -> dict[str, float]:
+    """With ``train.test_each_epoch``: this epoch's test metrics, for learning curves only (the tested
+    epoch is still the best *validation* epoch's, tested once more at the end)."""
+    if not loop.cfg.train.test_each_epoch:
+        return {}
+    test = evaluate(st.model, loop.bundle.test, batch_size=loop.cfg.train.eval_batch_size, bundle=loop.bundle)
+    return {f"test/{k}": v for k, v in test.items()}
 
 
 def _on_device(bundle: DataBundle, device: torch.device) -> DataBundle:

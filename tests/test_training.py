@@ -138,3 +138,19 @@ def test_cli_refuses_to_overwrite_run_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_test_each_epoch_logs_the_test_curve_without_touching_selection(tmp_path, capsys):
+    """The test rows are that epoch's weights on the test split (at the selected epoch they equal the
+    summary's test accuracy), and logging them changes nothing else: same validation curve, same
+    selected epoch."""
+    args = ["train", "mlp_digits", "--epochs", "3", "--seed", "2", "--no-progress", "--set", "optim.forward.lr=0.3"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--out", str(tmp_path / "curve"), "--set", "train.test_each_epoch=true"]) == 0
+    plain, curve = ([json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                    for name in ("plain", "curve"))
+    assert all("test/accuracy" not in r for r in plain) and all("test/accuracy" in r and "test/loss" in r for r in curve)
+    assert [r["val/accuracy"] for r in plain] == [r["val/accuracy"] for r in curve]
+    s_plain, s_curve = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("plain", "curve"))
+    assert s_plain["best_epoch"] == s_curve["best_epoch"] and s_plain["test_accuracy"] == s_curve["test_accuracy"]
+    assert curve[s_curve["best_epoch"] - 1]["test/accuracy"] == s_curve["test_accuracy"]
