@@ -201,6 +201,23 @@ def test_sweep_table_puts_the_papers_numbers_beside_the_recipes_it_covers():
     assert PAPER[("cnn_cifar10", "bp")] == (87.12, 1.76) and PAPER[("mlp_cifar10", "ccl")] == (52.73, 0.59)
 
 
+def test_sweep_notes_and_test_curves():
+    """A rule without a paper number is named as such (not the recipe); the per-epoch test table
+    appears only for runs that logged test/accuracy (train.test_each_epoch), with their numbers."""
+    from sweep import curve_table, notes, test_curves
+
+    rows = [sweep_row("fwdtp", 0, 0.97, epochs=100)]
+    said = " ".join(notes(rows, ["fwdtp"], "mlp_mnist", []))
+    assert "no number for fwdtp on recipe `mlp_mnist`" in said and "ccl" in said
+    assert test_curves(rows) == []
+    logged = sweep_row("ccl", 1, 0.9, epochs=2)
+    logged["curve"]["test/accuracy"] = [0.5, 0.75]
+    shown = test_curves([*rows, logged])
+    assert "train.test_each_epoch" in shown[0] and shown[-2] == "| CCL s1 | 50.00 | 75.00 |"
+    assert not any("FWDTP" in line for line in shown)
+    assert curve_table([logged])[-1] == "| CCL s1 | 90.00 | 90.00 |"
+
+
 def test_search_covers_the_papers_grid_and_ties_ccls_networks():
     from search import SPACES, grid, point_sets
     drtp = grid("drtp", [])
