@@ -95,8 +95,7 @@ def _plot_panel(ax, metrics: list[dict], keys: list[str], *, ylabel: str, log: b
 def save_training_curves(metrics: list[dict], path: Path, *, title: str = "") -> Path:
     """Three panels per epoch: every loss (train: mean over the epoch, solid; validation:
     dashed; test, where train.test_each_epoch logged it: dotted; log scale), accuracy (train if
-    logged, validation, test) or reconstruction MSE, and each
-    network's learning rate."""
+    logged, validation, test) or reconstruction MSE, and each network's learning rate."""
     panels = _curve_panels(metrics)
     quality = panels["quality"]
     fig = _figure(13.0, 4.0)
