@@ -165,7 +165,7 @@ def test_sweep_trains_collects_and_reuses_runs(tmp_path):
     assert d["rows"][1]["wall_seconds"] > 0 and d["paper"] == {}
     md = (tmp_path / "smoke.md").read_text()
     assert md == d["table"] and "| CCL | " in md and "| BP s0 | " in md and "paper (Table 1)" not in md
-    assert "no number for recipe `mlp_digits`" in md and "`--set train.batch_size=128`" in md
+    assert "no number for ccl, bp on recipe `mlp_digits`" in md and "`--set train.batch_size=128`" in md
 
     # --collect trains nothing: the completed runs are tabulated, a missing one is named
     collected = run_script(tmp_path, *base[1:], "--methods", "ccl", "fa", "--collect")
