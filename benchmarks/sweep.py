@@ -181,9 +181,9 @@ def notes(rows: list[dict], methods: list[str], recipe: str, sets: list[str]) ->
                        "the paper column is not a like-for-like comparison.")
     else:
         covered = sorted({m for r, m in PAPER if r == recipe})
-        out.append(f"The paper's Table 1 has no number for {', '.join(methods)} on recipe `{recipe}` "
-                   + (f"(it has {', '.join(covered)}, {PAPER_EPOCHS} epochs)." if covered else
-                      f"(it has recipes {', '.join(sorted({r for r, _ in PAPER}))})."))
+        has = (f"it has {', '.join(covered)}, {PAPER_EPOCHS} epochs" if covered
+               else f"it has recipes {', '.join(sorted({r for r, _ in PAPER}))}")
+        out.append(f"The paper's Table 1 has no number for {', '.join(methods)} on recipe `{recipe}` ({has}).")
     if sets:
         out.append("Every run changes the recipe with " + " ".join(f"`--set {s}`" for s in sets) + ".")
     if "cifar10" in recipe and any(r.get("dataset") == "imagefolder" for r in rows):
