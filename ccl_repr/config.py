@@ -155,6 +155,9 @@ class TrainConfig:
     select: str = _opt("val_accuracy", choices=("val_accuracy", "val_loss"),
                    doc="classifiers: test the epoch of the best validation accuracy or of the lowest "
                        "validation cross-entropy (published code); autoencoders: lowest val MSE either way")
+    batches_per_epoch: int = _opt(0, lo=0,
+                                  doc="train only the first N batches of each epoch's shuffled order (the published "
+                                      "conv-AE code trains 101); the schedule counts these steps; 0 = whole epochs")
     test_each_epoch: bool = _opt(False, doc="also evaluate the test split after every epoch (metrics rows test/*) "
                                             "for learning curves; never used to pick the tested epoch")
     layerwise: bool = _opt(False, doc="CCL only: backpropagate each pair loss as soon as it exists (memory flat in depth)")

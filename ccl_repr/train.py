@@ -9,6 +9,7 @@ synchronisation per step). The weights of the best validation epoch are tested a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 import math
 import random
@@ -24,7 +25,7 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from . import distributed, fastpath, parallel, parallel_networks, tblog
 from .fastpath import resolve_device
-from .config import Config
+from .config import Config, TrainConfig
 from .data import DataBundle, Split, batches, load_data, shuffle_order
 from .errors import CheckpointError, DivergenceError
 from .guard import CHECK_EVERY, DivergenceGuard, Interrupted, StopRequest
@@ -231,7 +232,8 @@ def _train_epoch(loop: _Loop, st: TrainingState, epoch: int) -> tuple[dict[str, 
     else:
         order, done, carried, sums = shuffle_order(loop.bundle.train, st.shuffle), 0, 0.0, {}
     n_batches = done
-    for x, y in batches(loop.bundle.train, cfg.train.batch_size, order=order, start=done, augment_with=st.aug):
+    epoch_batches = batches(loop.bundle.train, cfg.train.batch_size, order=order, start=done, augment_with=st.aug)
+    for x, y in itertools.islice(epoch_batches, loop.steps_per_epoch - done):
         st.optim.zero_grad()
         losses = ddp.backward(st.rule, st.model, x, y)  # this rank's shard, gradients all-reduced
         st.optim.clip_and_step()
@@ -282,7 +284,7 @@ def _end_epoch(loop: _Loop, st: TrainingState, epoch: int, train_losses: dict[st
     row = {"epoch": epoch + 1, "step": st.step, **{f"train/{k}": v for k, v in train_losses.items()},
            **{f"val/{k}": v for k, v in val.items()}, **_test_curve(loop, st),
            **{f"lr/{k}": v for k, v in st.optim.lrs().items()},
-           "epoch_seconds": seconds, "samples_per_second": len(bundle.train) / seconds}
+           "epoch_seconds": seconds, "samples_per_second": epoch_samples(len(bundle.train), cfg.train) / seconds}
     st.rows.append(row)
     ckpt.append_jsonl(loop.out / ckpt.METRICS, row)
     loop.progress.epoch_end(epoch + 1, train_losses, val, seconds)
@@ -312,13 +314,24 @@ def _on_device(bundle: DataBundle, device: torch.device) -> DataBundle:
               (("train", bundle.train), ("val", bundle.val), ("test", bundle.test))}
     return dataclasses.replace(bundle, **splits)
 
+def epoch_steps(num_train: int, train_cfg: TrainConfig) -> int:
+    """Optimiser steps per epoch: every batch, or the first ``train.batches_per_epoch`` of them."""
+    steps = math.ceil(num_train / train_cfg.batch_size)
+    return min(steps, train_cfg.batches_per_epoch) if train_cfg.batches_per_epoch else steps
+
+
+def epoch_samples(num_train: int, train_cfg: TrainConfig) -> int:
+    """Training images one epoch sees (for samples per second)."""
+    return min(num_train, epoch_steps(num_train, train_cfg) * train_cfg.batch_size)
+
+
 def _build(cfg: Config, device: torch.device, ddp: Any, *, model: DualNetwork | None,
            data: DataBundle | None) -> tuple[DataBundle, DualNetwork, LearningRule, Optimizers, int]:
     """Data, model (given or from the registry), learning rule and optimisers, in the order the
     seeded random streams expect (data split, then weight init)."""
     bundle = (load_data(cfg.data, device=device, seed=cfg.seed, progress=cfg.train.progress and ddp.is_main)
               if data is None else _on_device(data, device))
-    steps_per_epoch = math.ceil(len(bundle.train) / cfg.train.batch_size)
+    steps_per_epoch = epoch_steps(len(bundle.train), cfg.train)
     model, rule, optim = build_trainable(cfg, input_shape=bundle.input_shape, num_classes=bundle.num_classes,
                                          total_steps=cfg.train.epochs * steps_per_epoch, device=device, model=model)
     fastpath.apply(model, rule, cfg.train, device, bundle)
@@ -360,7 +373,7 @@ def _finish(out: Path, cfg: Config, model: DualNetwork, bundle: DataBundle, devi
            {"test_mse": test["mse"], "best_val_mse": best["mse"]}),
         "selected_by": selection_metric(model.task, cfg.train.select),
         "best_epoch": best_epoch, "train_seconds": elapsed,
-        "samples_per_second": len(bundle.train) * cfg.train.epochs / max(elapsed, 1e-9),
+        "samples_per_second": epoch_samples(len(bundle.train), cfg.train) * cfg.train.epochs / max(elapsed, 1e-9),
         "num_train": len(bundle.train), "num_val": len(bundle.val), "num_test": len(bundle.test),
         "classes": bundle.classes,
         "params_forward": sum(p.numel() for p in model.network_parameters("forward")),

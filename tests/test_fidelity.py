@@ -250,3 +250,43 @@ def test_resume_mid_loss_warmup_is_exact(tmp_path, loss_warmup_cfg, reference):
         train(loss_warmup_cfg, run, hooks=[terminate_at_step_60], log=lambda m: None)
     train(loss_warmup_cfg, run, resume=True, log=lambda m: None)
     assert _rows(run) == _rows(reference) and _summary(run) == _summary(reference)
+
+
+def _capped_cfg(batches_per_epoch: int):
+    return make_config("mlp_digits", overrides={
+        "train": {"epochs": 3, "batch_size": 32, "progress": False, "num_threads": 1, "checkpoint_every": 0,
+                  "batches_per_epoch": batches_per_epoch},
+        "optim": {"schedule": "cosine", "min_lr": 0.01}})
+
+
+def test_batches_per_epoch_trains_each_epochs_first_batches_and_resumes_exactly(tmp_path):
+    """The published conv-AE protocol (101 batches per epoch): each epoch trains the first N batches
+    of that epoch's own shuffled order (the same order a whole-epoch run draws), the cosine spans
+    those steps only, and a run stopped mid-epoch resumes to the same end."""
+    seen: dict[str, list] = {"capped": [], "whole": []}
+
+    def record(name):
+        return lambda *, step, x, **_: seen[name].append((step, x[:, :4].clone()))
+
+    capped, whole = tmp_path / "capped", tmp_path / "whole"
+    train(_capped_cfg(5), capped, hooks=[record("capped")], log=lambda m: None)
+    train(_capped_cfg(0), whole, hooks=[record("whole")], log=lambda m: None)
+    rows, whole_rows = _rows(capped), _rows(whole)
+    assert [r["step"] for r in rows] == [5, 10, 15]
+    per_epoch = whole_rows[0]["step"]  # whole epochs: 41 steps
+    assert per_epoch > 5
+    for epoch in range(2):  # epoch e's first 5 batches are the whole run's first 5 of epoch e
+        for i in range(5):
+            assert torch.equal(seen["capped"][epoch * 5 + i][1], seen["whole"][epoch * per_epoch + i][1])
+    assert rows[-1]["lr/forward"] == pytest.approx(0.01)  # the cosine reached its floor at step 15
+
+    stopped = tmp_path / "stopped"
+
+    def terminate_at_step_7(*, step, **_):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        train(_capped_cfg(5), stopped, hooks=[terminate_at_step_7], log=lambda m: None)
+    train(_capped_cfg(5), stopped, resume=True, log=lambda m: None)
+    assert _rows(stopped) == rows and _summary(stopped) == _summary(capped)
