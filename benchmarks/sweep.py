@@ -112,7 +112,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict | None:
     if args.collect and not reusable:
         return None
     wall, resumed = None, False
-    if not reusable or not args.reuse:
+    if not reusable:  # --resume and --reuse both keep a completed run of these settings
         resumed = args.resume and done is None and (REPO / out / "checkpoint.pt").exists()
         wall = launch(["train", "--resume", str(out), "--no-progress"] if resumed else cmd, args)
         print(f"{method} seed {seed}: {wall:.0f} s{' (resumed)' if resumed else ''}", file=sys.stderr)

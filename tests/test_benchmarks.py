@@ -174,6 +174,12 @@ def test_sweep_trains_collects_and_reuses_runs(tmp_path):
     assert [r["method"] for r in d["rows"]] == ["ccl"] and d["not_run"] == ["fa seed 0"]
     assert "Not run yet (no completed run folder): fa seed 0." in d["table"]
 
+    # --resume keeps a completed run (it continues interrupted ones only): nothing retrains
+    summary = (tmp_path / "runs" / "smoke-ccl-s0" / "summary.json").read_text()
+    resumed = run_script(tmp_path, *base[1:], "--methods", "ccl", "--resume")
+    assert "seed 0:" not in resumed.stderr
+    assert (tmp_path / "runs" / "smoke-ccl-s0" / "summary.json").read_text() == summary
+
 
 def sweep_row(method: str, seed: int, acc: float, *, epochs: int = 3, dataset: str = "mnist") -> dict:
     curve = {"epoch": list(range(1, epochs + 1)), "val/accuracy": [acc] * epochs, "val/loss": [0.1] * epochs,
