@@ -314,6 +314,7 @@ def _on_device(bundle: DataBundle, device: torch.device) -> DataBundle:
               (("train", bundle.train), ("val", bundle.val), ("test", bundle.test))}
     return dataclasses.replace(bundle, **splits)
 
+
 def epoch_steps(num_train: int, train_cfg: TrainConfig) -> int:
     """Optimiser steps per epoch: every batch, or the first ``train.batches_per_epoch`` of them."""
     steps = math.ceil(num_train / train_cfg.batch_size)
