@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ccl_repr import checkpoint as ckpt  # noqa: E402
 from ccl_repr.config import make_config  # noqa: E402
 from ccl_repr.data import load_data  # noqa: E402
 from ccl_repr.fastpath import resolve_device  # noqa: E402
-from ccl_repr.train import evaluate, train  # noqa: E402
+from ccl_repr.train import epoch_steps, evaluate, train  # noqa: E402
 
 
 def test_every_epoch(test_split, steps_per_epoch: int, batch_size: int):
@@ -53,7 +52,7 @@ def main() -> None:
     cfg = make_config(args.recipe, method=args.method, overrides=over)
     run = Path(args.out) / f"select-{args.recipe}-{args.method}-s{args.seed}"
     test = load_data(cfg.data, device=resolve_device(cfg.device), seed=cfg.seed)
-    steps = math.ceil(len(test.train) / cfg.train.batch_size)
+    steps = epoch_steps(len(test.train), cfg.train)  # as train() counts them (train.batches_per_epoch)
     summary = train(cfg, run, overwrite=True, log=lambda m: None,
                     hooks=[test_every_epoch(test.test, steps, cfg.train.eval_batch_size)])
     rows = ckpt.read_jsonl(run / ckpt.METRICS)

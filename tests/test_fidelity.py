@@ -263,10 +263,10 @@ def test_batches_per_epoch_trains_each_epochs_first_batches_and_resumes_exactly(
     """The published conv-AE protocol (101 batches per epoch): each epoch trains the first N batches
     of that epoch's own shuffled order (the same order a whole-epoch run draws), the cosine spans
     those steps only, and a run stopped mid-epoch resumes to the same end."""
-    seen: dict[str, list] = {"capped": [], "whole": []}
+    seen: dict[str, list] = {"capped": [], "whole": []}  # each step's batch, in order
 
     def record(name):
-        return lambda *, step, x, **_: seen[name].append((step, x[:, :4].clone()))
+        return lambda *, x, **_: seen[name].append(x[:, :4].clone())
 
     capped, whole = tmp_path / "capped", tmp_path / "whole"
     train(_capped_cfg(5), capped, hooks=[record("capped")], log=lambda m: None)
@@ -277,7 +277,7 @@ def test_batches_per_epoch_trains_each_epochs_first_batches_and_resumes_exactly(
     assert per_epoch > 5
     for epoch in range(2):  # epoch e's first 5 batches are the whole run's first 5 of epoch e
         for i in range(5):
-            assert torch.equal(seen["capped"][epoch * 5 + i][1], seen["whole"][epoch * per_epoch + i][1])
+            assert torch.equal(seen["capped"][epoch * 5 + i], seen["whole"][epoch * per_epoch + i])
     assert rows[-1]["lr/forward"] == pytest.approx(0.01)  # the cosine reached its floor at step 15
 
     stopped = tmp_path / "stopped"
